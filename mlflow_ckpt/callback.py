@@ -1,0 +1,513 @@
+"""`MlflowCheckpoint`: the Keras callback that logs checkpoints into the active MLflow run."""
+
+import logging
+import os
+import sys
+
+import keras
+import mlflow
+
+# Keras' own callbacks print through io_utils, which follows
+# keras.config.disable_interactive_logging(); there is no public alias.
+from keras.src.utils import io_utils
+
+from mlflow_ckpt import policies, snapshot, store, training_state
+from mlflow_ckpt.uploader import Uploader, describe_unsent
+
+_logger = logging.getLogger(__name__)
+
+FORMATS = ("keras", "h5", "savedmodel", "weights")
+
+
+def _require_positive_int(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
+
+
+class MlflowCheckpoint(keras.callbacks.Callback):
+    """Log a checkpoint of the model into the active MLflow run every N epochs or steps.
+
+    Each checkpoint is an MLflow model (LoggedModel) linked to the run, with
+    the epoch's metrics linked to it and the full training state beside the
+    model, so it can be loaded, served, registered or resumed exactly. Saving
+    blocks training only while the checkpoint is written to a local staging
+    folder; a background thread uploads and commits it. At the end of `fit`
+    the callback waits for pending uploads, showing a progress line.
+
+    With no active MLflow run, the callback starts one (and prints its id)
+    and ends it when training ends. Every epoch's logs are logged as run
+    metrics with `step` = epoch (1-based), unless `log_metrics=False`.
+
+    Example:
+
+    ```python
+    import mlflow
+    import mlflow_ckpt
+
+    with mlflow.start_run() as run:
+        model.fit(
+            x_train, y_train, epochs=10, validation_data=(x_test, y_test),
+            callbacks=[mlflow_ckpt.MlflowCheckpoint(every_n_epochs=5)],
+        )
+    latest = mlflow_ckpt.latest_checkpoint(run.info.run_id)
+    model = mlflow_ckpt.load_checkpoint(latest)
+    ```
+
+    Args:
+        every_n_epochs: Save at the end of every N-th epoch (epochs N, 2N, ...).
+            Defaults to 1. Only with `save_freq="epoch"`.
+        save_freq: `"epoch"`, or an integer N to save when the global step
+            (`optimizer.iterations`) is a multiple of N. N must be a multiple
+            of the model's `steps_per_execution`, since Keras reports steps
+            only at execution boundaries.
+        save_last: Also save at the end of training if the last epoch was not
+            a save point. Defaults to False.
+        monitor: Metric that defines the best checkpoint, as in
+            `keras.callbacks.ModelCheckpoint`. Defaults to `"val_loss"`.
+        mode: `"min"`, `"max"` or `"auto"` (decided from the metric name).
+        save_best_only: Save only when `monitor` improves on the best value so far.
+        initial_value_threshold: Starting "best" value for `save_best_only`.
+        save_weights_only: Save weights only (format `"weights"`); loading
+            and resuming then need a model built by the training code.
+        format: `"keras"` (the `.keras` zip, default), `"h5"` (legacy HDF5),
+            `"savedmodel"` (TensorFlow SavedModel, for TF Serving, TFLite and
+            TF.js) or `"weights"`.
+        keep_last: Keep only the N newest checkpoints of the run.
+        keep_best: Keep the K best checkpoints by `monitor`.
+        keep_every: Keep checkpoints whose epoch is a multiple of M.
+            Retention rules combine: a checkpoint kept by any rule stays, and
+            the newest and the best are never deleted. Deleted checkpoints
+            lose their files as well as their LoggedModel record.
+        run_id: Log into this run (it is resumed if not active). Defaults to
+            the active run, or a new one.
+        log_metrics: Log each epoch's logs as run metrics. Turn off if
+            another callback (e.g. `mlflow.keras.autolog`) already does.
+        resume: If True and the run already has a committed checkpoint,
+            restore the latest one when training begins and continue from its
+            epoch, like `keras.callbacks.BackupAndRestore`.
+        resume_from: A `ResumeState` from `mlflow_ckpt.resume`; the callback
+            continues its run and restores the callback states it carries.
+        callbacks: Callbacks whose state is saved and restored (EarlyStopping,
+            ReduceLROnPlateau). Defaults to the other callbacks of the same
+            `fit` call.
+        custom_objects: Passed to the flavor, see `mlflow_ckpt.save_model`.
+        code_paths: Local files or folders to ship with each checkpoint so a
+            fresh process can import custom layers.
+        signature: MLflow model signature of each checkpoint.
+        input_example: Input example for each checkpoint (also infers the signature).
+        pip_requirements: Override the requirements written into each checkpoint.
+        staging_dir: Local folder for checkpoints waiting to upload. Defaults
+            to `$MLFLOW_CKPT_STAGING_DIR` or `~/.cache/mlflow-ckpt/staging`.
+        max_pending: Most checkpoints waiting to upload before training waits.
+        flush_timeout: Seconds to wait for uploads at the end of training
+            (None waits until done). What is not uploaded by then stays in the
+            staging folder, and a warning says how to upload it.
+        verbose: 1 prints a line per committed checkpoint with its epoch and
+            URI; 2 also prints a line when a checkpoint is staged.
+
+    Raises:
+        ValueError: at construction, naming any argument with an invalid value.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs=None,
+        save_freq="epoch",
+        save_last=False,
+        monitor="val_loss",
+        mode="auto",
+        save_best_only=False,
+        initial_value_threshold=None,
+        save_weights_only=False,
+        format="keras",
+        keep_last=None,
+        keep_best=None,
+        keep_every=None,
+        run_id=None,
+        log_metrics=True,
+        resume=False,
+        resume_from=None,
+        callbacks=None,
+        custom_objects=None,
+        code_paths=None,
+        signature=None,
+        input_example=None,
+        pip_requirements=None,
+        staging_dir=None,
+        max_pending=4,
+        flush_timeout=None,
+        verbose=0,
+    ):
+        super().__init__()
+        self._validate(
+            every_n_epochs, save_freq, mode, format, save_weights_only, keep_last, keep_best,
+            keep_every, max_pending, flush_timeout, verbose, monitor, resume, resume_from,
+        )
+        if save_weights_only:
+            format = "weights"
+        self.save_freq = save_freq
+        self.every_n_epochs = every_n_epochs or 1
+        self.save_last = save_last
+        self.monitor = monitor
+        self.mode = policies.resolve_mode(monitor, mode)
+        self.save_best_only = save_best_only
+        self.initial_value_threshold = initial_value_threshold
+        self.format = format
+        self.run_id = run_id
+        self.log_metrics = log_metrics
+        self.resume = resume
+        self.resume_from = resume_from
+        self.tracked_callbacks = callbacks
+        self.staging_dir = staging_dir or snapshot.default_staging_dir()
+        self.max_pending = max_pending
+        self.flush_timeout = flush_timeout
+        self.verbose = verbose
+        self.flavor_options = {
+            key: value
+            for key, value in {
+                "custom_objects": custom_objects,
+                "code_paths": code_paths,
+                "signature": signature,
+                "input_example": input_example,
+                "pip_requirements": pip_requirements,
+            }.items()
+            if value is not None
+        }
+
+        self.retention = []
+        if keep_last is not None:
+            self.retention.append(policies.KeepLast(keep_last))
+        if keep_best is not None:
+            self.retention.append(policies.KeepBest(keep_best, monitor, self.mode))
+        if keep_every is not None:
+            self.retention.append(policies.KeepEvery(keep_every))
+
+        if save_freq == "epoch":
+            self._save_policy = policies.EveryNEpochs(self.every_n_epochs)
+        else:
+            self._save_policy = policies.EveryNSteps(save_freq)
+        self._best = policies.BestOnly(monitor, self.mode, initial_value_threshold)
+
+        self._uploader = None
+        self._run = None
+        self._started_run = False
+        self._staged = None
+        self._pending_callback_restore = None
+        self._completed_epochs = 0
+        self._last_logs = {}
+        self._last_saved_key = None
+        self._logged_steps = set()
+
+    @staticmethod
+    def _validate(
+        every_n_epochs, save_freq, mode, format, save_weights_only, keep_last, keep_best,
+        keep_every, max_pending, flush_timeout, verbose, monitor, resume, resume_from,
+    ):
+        _require_positive_int("every_n_epochs", every_n_epochs, allow_none=True)
+        if save_freq != "epoch":
+            if isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1:
+                raise ValueError(
+                    "save_freq must be 'epoch' or a positive integer number of steps. "
+                    f"Received: save_freq={save_freq!r}"
+                )
+            if every_n_epochs is not None:
+                raise ValueError(
+                    "every_n_epochs applies only with save_freq='epoch'. Received: "
+                    f"every_n_epochs={every_n_epochs!r} with save_freq={save_freq!r}"
+                )
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"mode must be 'auto', 'min' or 'max'. Received: mode={mode!r}")
+        if format not in FORMATS:
+            raise ValueError(
+                f"format must be one of {', '.join(repr(f) for f in FORMATS)}. "
+                f"Received: format={format!r}"
+            )
+        if save_weights_only and format not in ("keras", "weights"):
+            raise ValueError(
+                "save_weights_only=True saves format 'weights'; it cannot be combined with "
+                f"format={format!r}"
+            )
+        for name, value in (("keep_last", keep_last), ("keep_best", keep_best), ("keep_every", keep_every)):
+            _require_positive_int(name, value, allow_none=True)
+        _require_positive_int("max_pending", max_pending)
+        if flush_timeout is not None and (not isinstance(flush_timeout, (int, float)) or flush_timeout < 0):
+            raise ValueError(
+                f"flush_timeout must be None or a number of seconds >= 0. Received: flush_timeout={flush_timeout!r}"
+            )
+        if verbose not in (0, 1, 2):
+            raise ValueError(f"verbose must be 0, 1 or 2. Received: verbose={verbose!r}")
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"monitor must be a metric name. Received: monitor={monitor!r}")
+        if resume and resume_from is not None:
+            raise ValueError("Pass either resume=True or resume_from=<ResumeState>, not both.")
+
+    # Keras hooks.
+
+    def on_train_begin(self, logs=None):
+        self._check_steps_per_execution()
+        if self.tracked_callbacks is None:
+            self.tracked_callbacks = self._sibling_callbacks()
+        self._attach_run()
+        self._uploader = Uploader(
+            max_pending=self.max_pending,
+            retention=self.retention,
+            monitor=self.monitor,
+            mode=self.mode,
+            on_commit=self._report_commit,
+        )
+        if self.resume_from is not None:
+            self._apply_resume_state(self.resume_from)
+        elif self.resume:
+            self._resume_latest()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._completed_epochs = epoch
+        self._finish_staged()
+        if self._pending_callback_restore is not None:
+            restored = self._pending_callback_restore.restore_callbacks(self.tracked_callbacks)
+            if restored:
+                _logger.info("Restored callback state: %s", ", ".join(restored))
+            self._pending_callback_restore = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.save_freq == "epoch":
+            return
+        global_step = int(self.model.optimizer.iterations.numpy())
+        if self._save_policy.should_save_step(global_step):
+            self._stage(epoch=self._completed_epochs, steps_into_epoch=batch + 1, logs=logs or {})
+            self._finish_staged()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        completed = epoch + 1
+        self._completed_epochs = completed
+        self._last_logs = logs
+        if self._should_save_epoch(completed, logs):
+            self._stage(epoch=completed, steps_into_epoch=0, logs=logs)
+        elif self.log_metrics:
+            self._log_epoch_metrics(completed, logs)
+        self._best.record(logs)
+
+    def on_train_end(self, logs=None):
+        try:
+            self._finish_staged()
+            if self.save_last and self._last_saved_key != (self._completed_epochs, 0):
+                if self._completed_epochs > 0:
+                    self._stage(epoch=self._completed_epochs, steps_into_epoch=0, logs=self._last_logs, metrics_logged=self.log_metrics)
+                    self._finish_staged()
+            self._flush()
+        finally:
+            self.model._initial_epoch = None
+            self._detach_run()
+
+    # Decisions.
+
+    def _is_final_epoch(self, epoch: int) -> bool:
+        return epoch == (self.params or {}).get("epochs") or bool(self.model.stop_training)
+
+    def _should_save_epoch(self, epoch: int, logs: dict) -> bool:
+        if self.save_last and self._is_final_epoch(epoch):
+            return True
+        if self.save_freq != "epoch" or not self._save_policy.should_save_epoch(epoch):
+            return False
+        if self.save_best_only:
+            if policies.metric_value(logs, self.monitor) is None:
+                _logger.warning(
+                    "save_best_only: metric %r is not in the logs of epoch %d (available: %s); "
+                    "skipping the save.",
+                    self.monitor,
+                    epoch,
+                    ", ".join(sorted(logs)),
+                )
+                return False
+            return self._best.improves(logs)
+        return True
+
+    def _check_steps_per_execution(self):
+        if self.save_freq == "epoch":
+            return
+        steps_per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        if self.save_freq % steps_per_execution:
+            raise ValueError(
+                f"save_freq={self.save_freq} is not a multiple of the model's "
+                f"steps_per_execution={steps_per_execution}, so Keras never reports those "
+                "steps. Use a multiple of steps_per_execution."
+            )
+
+    # Saving.
+
+    def _stage(self, epoch: int, steps_into_epoch: int, logs: dict, metrics_logged: bool = False):
+        self._finish_staged()
+        metrics = {key: value for key, value in logs.items() if _is_number(value)}
+        if metrics_logged or epoch in self._logged_steps:
+            # The metrics of this epoch are already in the run's history; linking them
+            # again would log a second value at the same step.
+            metrics = {}
+        self._staged = snapshot.write_snapshot(
+            self.model,
+            staging_dir=self.staging_dir,
+            run_id=self._run.info.run_id,
+            experiment_id=self._run.info.experiment_id,
+            epoch=epoch,
+            steps_into_epoch=steps_into_epoch,
+            metrics=metrics,
+            format=self.format,
+            monitor=self.monitor,
+            mode=self.mode,
+            flavor_options=self.flavor_options,
+        )
+        self._last_saved_key = (epoch, steps_into_epoch)
+        if self.verbose > 1:
+            io_utils.print_msg(
+                f"\nEpoch {epoch}: MlflowCheckpoint staged a checkpoint of run "
+                f"{self._run.info.run_id}; uploading in the background."
+            )
+
+    def _finish_staged(self):
+        """Complete the staged snapshot with the callbacks' state, then hand it to the uploader.
+
+        This runs at the next hook after the save point, when every other
+        callback has processed the epoch.
+        """
+        if self._staged is None:
+            return
+        staged, self._staged = self._staged, None
+        snapshot.complete_snapshot(staged, self._callbacks_to_capture())
+        self._uploader.submit_snapshot(staged)
+
+    def _callbacks_to_capture(self):
+        return list(self.tracked_callbacks or []) + [self]
+
+    @property
+    def best(self):
+        """Best value of `monitor` seen so far (saved with each checkpoint)."""
+        return self._best.best
+
+    @best.setter
+    def best(self, value):
+        self._best.best = value
+
+    def _log_epoch_metrics(self, epoch: int, logs: dict):
+        if epoch in self._logged_steps:
+            return
+        metrics = {key: value for key, value in logs.items() if _is_number(value)}
+        self._uploader.submit_metrics(self._run.info.run_id, metrics, epoch)
+
+    def _report_commit(self, epoch: int, model_uri: str):
+        if self.verbose:
+            io_utils.print_msg(
+                f"\nEpoch {epoch}: MlflowCheckpoint committed {model_uri}"
+            )
+
+    def _flush(self):
+        if self._uploader is None:
+            return
+        result = self._uploader.close(timeout=self.flush_timeout, show_progress=True)
+        self._uploader = None
+        if result.unsent:
+            _logger.warning(
+                "Run %s: %s Last error: %s",
+                self._run.info.run_id,
+                describe_unsent(result.unsent),
+                result.errors[-1] if result.errors else "none",
+            )
+
+    # MLflow run handling.
+
+    def _attach_run(self):
+        run_id = self.run_id
+        if self.resume_from is not None and not self.resume_from.fork and run_id is None:
+            run_id = self.resume_from.run_id
+        active = mlflow.active_run()
+        if active is not None and run_id is not None and active.info.run_id != run_id:
+            raise ValueError(
+                f"MlflowCheckpoint was asked to log into run {run_id}, but run "
+                f"{active.info.run_id} is active. End the active run first, or drop run_id."
+            )
+        if active is not None:
+            self._run = active
+            self._started_run = False
+        else:
+            if run_id is not None:
+                store.get_run(run_id)
+            self._run = mlflow.start_run(run_id=run_id)
+            self._started_run = True
+            verb = "Resumed" if run_id else "Started"
+            io_utils.print_msg(
+                f"MlflowCheckpoint: {verb} MLflow run {self._run.info.run_id}"
+            )
+        if self.resume_from is not None and self.resume_from.fork:
+            mlflow.set_tags(
+                {
+                    "mlflow_ckpt.resumed_from_run": str(self.resume_from.run_id),
+                    "mlflow_ckpt.resumed_from_epoch": str(self.resume_from.initial_epoch),
+                }
+            )
+        self._logged_steps = self._steps_already_logged()
+
+    def _steps_already_logged(self) -> set:
+        """Return the epochs that already have metrics in this run (when continuing it)."""
+        client = mlflow.MlflowClient()
+        run = client.get_run(self._run.info.run_id)
+        keys = list(run.data.metrics)
+        if not keys:
+            return set()
+        return {m.step for m in client.get_metric_history(self._run.info.run_id, keys[0])}
+
+    def _detach_run(self):
+        if self._started_run and mlflow.active_run() is not None:
+            mlflow.end_run()
+        self._started_run = False
+
+    # Resuming.
+
+    def _apply_resume_state(self, state):
+        if state.model is not self.model:
+            training_state.restore(self.model, *_state_arrays(state))
+        self.model._initial_epoch = state.initial_epoch
+        self._completed_epochs = state.initial_epoch
+        self._pending_callback_restore = state
+
+    def _resume_latest(self):
+        from mlflow_ckpt.resume import resume
+
+        latest = store.latest_checkpoint(self._run.info.run_id)
+        if latest is None:
+            _logger.info("Run %s has no checkpoint yet; training from the start.", self._run.info.run_id)
+            return
+        state = resume(latest, model=self.model)
+        self._apply_resume_state(state)
+        io_utils.print_msg(
+            f"MlflowCheckpoint: resuming run {self._run.info.run_id} from epoch {latest.epoch}"
+        )
+
+    def _sibling_callbacks(self):
+        """Find the other callbacks of this `fit` call, to save their state with each checkpoint.
+
+        Keras calls `on_train_begin` from its `CallbackList`, which is the
+        caller's `self`; Keras offers no public way to reach it.
+        """
+        # NOTE: relies on keras.callbacks.CallbackList calling hooks directly (true in
+        # Keras 3.15); pass callbacks=[...] explicitly if it ever stops matching.
+        frame = sys._getframe(2)
+        caller = frame.f_locals.get("self")
+        if isinstance(caller, keras.callbacks.CallbackList):
+            return [c for c in caller.callbacks if c is not self]
+        return []
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _state_arrays(state):
+    # A ResumeState built for another model object: re-read its variables from
+    # that model, which resume() restored.
+    captured, arrays = training_state.capture(state.model, epoch=state.initial_epoch)
+    return captured, arrays

@@ -1,0 +1,1 @@
+"""The packaged training job that `mlflow run .` runs: a digits classifier with checkpoints."""

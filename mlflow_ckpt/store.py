@@ -1,0 +1,404 @@
+"""The checkpoint store: find, download, verify, load and delete a run's checkpoints.
+
+Checkpoints are MLflow LoggedModels whose `source_run_id` is the run and whose
+tags carry the epoch and global step. Ordering always uses those tags, never
+file names or creation times, and only READY models count as committed.
+"""
+
+import logging
+import os
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.tracking import MlflowClient
+
+from mlflow_ckpt import manifest
+from mlflow_ckpt.checkpoint import (
+    KIND_CHECKPOINT,
+    MANIFEST_FILE,
+    STATUS_READY,
+    TAG_EPOCH,
+    TAG_FORMAT,
+    TAG_KIND,
+    TAG_SIZE,
+    TAG_STEP,
+    TRAINING_STATE_DIR,
+    Checkpoint,
+)
+from mlflow_ckpt.errors import CheckpointNotFoundError, InvalidCheckpointError
+from mlflow_ckpt.policies import rank_by_metric, resolve_mode
+
+_logger = logging.getLogger(__name__)
+
+_SEARCH_PAGE_SIZE = 100
+
+
+def _client(tracking_uri: str | None = None) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _status_name(status) -> str:
+    return getattr(status, "name", None) or str(status)
+
+
+def _is_not_found(error: MlflowException) -> bool:
+    return error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+def get_run(run_id: str, client: MlflowClient | None = None):
+    """Return the MLflow run, or raise `CheckpointNotFoundError` naming `run_id`."""
+    client = client or _client()
+    if not run_id or not isinstance(run_id, str):
+        raise CheckpointNotFoundError(f"Invalid run id {run_id!r}: expected a non-empty string.")
+    try:
+        return client.get_run(run_id)
+    except MlflowException as error:
+        if _is_not_found(error) or "not found" in str(error).lower():
+            raise CheckpointNotFoundError(
+                f"Run {run_id!r} not found at tracking URI {mlflow.get_tracking_uri()!r}. "
+                "Check the run id in the MLflow UI or with `mlflow runs list`, and that "
+                "MLFLOW_TRACKING_URI points at the server that holds it."
+            ) from error
+        raise
+
+
+def checkpoint_from_logged_model(logged_model) -> Checkpoint | None:
+    """Build a `Checkpoint` from a LoggedModel, or return None if it is not a checkpoint."""
+    tags = logged_model.tags or {}
+    if tags.get(TAG_KIND) != KIND_CHECKPOINT or TAG_EPOCH not in tags:
+        return None
+    epoch = int(tags[TAG_EPOCH])
+    metrics = {}
+    for metric in logged_model.metrics or []:
+        # Several values of one key can be linked; the one logged at this epoch wins.
+        if metric.key not in metrics or metric.step == epoch:
+            metrics[metric.key] = metric.value
+    size = tags.get(TAG_SIZE)
+    return Checkpoint(
+        run_id=logged_model.source_run_id,
+        model_id=logged_model.model_id,
+        epoch=epoch,
+        global_step=int(tags.get(TAG_STEP, 0)),
+        metrics=metrics,
+        format=tags.get(TAG_FORMAT, "keras"),
+        model_uri=f"models:/{logged_model.model_id}",
+        size_bytes=int(size) if size is not None else None,
+        status=_status_name(logged_model.status),
+    )
+
+
+def search_checkpoint_models(run, client: MlflowClient) -> list:
+    """Return every LoggedModel of `run` that is a checkpoint, in any status."""
+    models = []
+    page_token = None
+    while True:
+        page = client.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}'",
+            max_results=_SEARCH_PAGE_SIZE,
+            page_token=page_token,
+        )
+        models.extend(m for m in page if (m.tags or {}).get(TAG_KIND) == KIND_CHECKPOINT)
+        page_token = page.token
+        if not page_token:
+            return models
+
+
+def list_checkpoints(
+    run_id: str, include_pending: bool = False, tracking_uri: str | None = None
+) -> list[Checkpoint]:
+    """List the checkpoints of an MLflow run, ordered by epoch and global step.
+
+    Args:
+        run_id: ID of the run that logged the checkpoints.
+        include_pending: Also list checkpoints that are still uploading or
+            whose upload failed. They are never returned as latest or best.
+        tracking_uri: Tracking server to ask; defaults to the current one.
+
+    Returns:
+        A list of `Checkpoint`, oldest first. Empty if the run has none.
+
+    Raises:
+        CheckpointNotFoundError: if the run does not exist.
+    """
+    client = _client(tracking_uri)
+    run = get_run(run_id, client)
+    checkpoints = []
+    for logged_model in search_checkpoint_models(run, client):
+        checkpoint = checkpoint_from_logged_model(logged_model)
+        if checkpoint is None:
+            continue
+        if include_pending or checkpoint.status == STATUS_READY:
+            checkpoints.append(checkpoint)
+    return sorted(checkpoints, key=lambda c: (c.epoch, c.global_step))
+
+
+def latest_checkpoint(run_id: str, tracking_uri: str | None = None) -> Checkpoint | None:
+    """Return the committed checkpoint with the highest epoch and step, or None.
+
+    Example:
+
+    ```python
+    checkpoint = mlflow_ckpt.latest_checkpoint(run.info.run_id)
+    model = mlflow_ckpt.load_checkpoint(checkpoint)
+    ```
+    """
+    checkpoints = list_checkpoints(run_id, tracking_uri=tracking_uri)
+    return checkpoints[-1] if checkpoints else None
+
+
+def best_checkpoint(
+    run_id: str, monitor: str, mode: str = "min", tracking_uri: str | None = None
+) -> Checkpoint | None:
+    """Return the committed checkpoint with the best value of `monitor`, or None.
+
+    Args:
+        run_id: ID of the run.
+        monitor: Metric name as Keras logs it, e.g. `"val_loss"`.
+        mode: `"min"`, `"max"`, or `"auto"` (decided from the metric name).
+            On a tie the newer checkpoint wins.
+    """
+    if mode not in ("min", "max", "auto"):
+        raise ValueError(f"mode must be 'min', 'max' or 'auto'. Received: mode={mode!r}")
+    ranked = rank_by_metric(
+        list_checkpoints(run_id, tracking_uri=tracking_uri), monitor, resolve_mode(monitor, mode)
+    )
+    return ranked[0] if ranked else None
+
+
+def get_checkpoint(run_id: str, epoch: int, tracking_uri: str | None = None) -> Checkpoint:
+    """Return the committed checkpoint of `run_id` at `epoch`.
+
+    If the run has several checkpoints in that epoch (step-based saves), the
+    one with the highest global step is returned.
+
+    Raises:
+        CheckpointNotFoundError: naming the run, the epoch and the epochs that exist.
+    """
+    checkpoints = list_checkpoints(run_id, tracking_uri=tracking_uri)
+    matching = [c for c in checkpoints if c.epoch == int(epoch)]
+    if not matching:
+        available = sorted({c.epoch for c in checkpoints})
+        raise CheckpointNotFoundError(
+            f"Run {run_id!r} has no committed checkpoint at epoch {epoch}. "
+            f"Committed epochs: {available or 'none'}. Pass one of those, or omit the "
+            "epoch to use the latest."
+        )
+    return matching[-1]
+
+
+def is_local_checkpoint_dir(path) -> bool:
+    return isinstance(path, (str, os.PathLike)) and os.path.isfile(
+        os.path.join(path, MANIFEST_FILE)
+    )
+
+
+def checkpoint_from_local_dir(path) -> Checkpoint:
+    """Describe a checkpoint folder on local disk (downloaded or copied)."""
+    content = manifest.read_manifest(path)
+    return Checkpoint(
+        run_id=None,
+        model_id=None,
+        epoch=int(content.get("epoch", 0)),
+        global_step=int(content.get("global_step", 0)),
+        metrics=content.get("metrics", {}),
+        format=content.get("format", "keras"),
+        model_uri=os.path.abspath(path),
+        size_bytes=sum(entry["size"] for entry in content["files"].values()),
+        local_path=os.path.abspath(path),
+    )
+
+
+def resolve(ref, epoch: int | None = None, tracking_uri: str | None = None) -> Checkpoint:
+    """Turn a run id, `Checkpoint`, `models:/` URI or local folder into a `Checkpoint`.
+
+    Args:
+        ref: A run id (with `epoch`, or the latest committed one), a
+            `Checkpoint`, a `models:/<model_id>` URI, or a local folder that
+            holds a checkpoint.
+        epoch: With a run id, the epoch to pick.
+
+    Raises:
+        CheckpointNotFoundError: if nothing matches, with what to pass instead.
+    """
+    if isinstance(ref, Checkpoint):
+        return ref
+    if isinstance(ref, os.PathLike):
+        ref = os.fspath(ref)
+    if not isinstance(ref, str) or not ref:
+        raise CheckpointNotFoundError(
+            f"Invalid checkpoint reference {ref!r}: pass a run id, a Checkpoint, "
+            "a 'models:/<model_id>' URI or a local checkpoint folder."
+        )
+    if is_local_checkpoint_dir(ref):
+        return checkpoint_from_local_dir(ref)
+    if ref.startswith("models:/"):
+        return _resolve_model_uri(ref, tracking_uri)
+    if os.path.sep in ref or ref.startswith("."):
+        raise CheckpointNotFoundError(
+            f"{ref!r} is not a checkpoint folder: it has no {MANIFEST_FILE}. Pass the folder "
+            "that contains MLmodel and manifest.json."
+        )
+    if epoch is not None:
+        return get_checkpoint(ref, epoch, tracking_uri=tracking_uri)
+    checkpoint = latest_checkpoint(ref, tracking_uri=tracking_uri)
+    if checkpoint is None:
+        raise CheckpointNotFoundError(
+            f"Run {ref!r} has no committed checkpoint yet. Train it with an MlflowCheckpoint "
+            "callback, or check `mlflow-ckpt list {ref}` for pending uploads."
+        )
+    return checkpoint
+
+
+def _resolve_model_uri(uri: str, tracking_uri: str | None) -> Checkpoint:
+    client = _client(tracking_uri)
+    path = uri[len("models:/"):].strip("/")
+    if "/" in path or "@" in path:
+        # A registered model version: models:/<name>/<version> or models:/<name>@<alias>.
+        name, _, rest = path.replace("@", "/@", 1).partition("/")
+        try:
+            if rest.startswith("@"):
+                version = client.get_model_version_by_alias(name, rest[1:])
+            else:
+                version = client.get_model_version(name, rest)
+        except MlflowException as error:
+            raise CheckpointNotFoundError(f"Registered model {uri!r} not found: {error.message}") from error
+        model_id = version.model_id
+    else:
+        model_id = path
+    try:
+        logged_model = client.get_logged_model(model_id)
+    except MlflowException as error:
+        raise CheckpointNotFoundError(
+            f"Model {uri!r} not found: {error.message}. Use a URI from `mlflow-ckpt list RUN_ID`."
+        ) from error
+    checkpoint = checkpoint_from_logged_model(logged_model)
+    if checkpoint is None:
+        raise CheckpointNotFoundError(
+            f"Model {uri!r} is not a checkpoint logged by mlflow-ckpt. Load it with "
+            "mlflow_ckpt.load_model() instead."
+        )
+    return checkpoint
+
+
+def download(checkpoint: Checkpoint, dst_path: str | None = None, verify: bool = True) -> str:
+    """Download a checkpoint's files and check them against the manifest.
+
+    Args:
+        checkpoint: The checkpoint to fetch. A local one is verified in place.
+        dst_path: Folder to download into; a new temporary folder by default.
+        verify: Check the SHA-256 of every file (recommended).
+
+    Returns:
+        The local folder that holds MLmodel, the model data and the manifest.
+
+    Raises:
+        InvalidCheckpointError: naming every file that is missing or corrupt.
+    """
+    if checkpoint.local_path:
+        local = checkpoint.local_path
+    else:
+        if checkpoint.status != STATUS_READY:
+            raise InvalidCheckpointError(
+                f"Checkpoint {checkpoint.model_uri} (epoch {checkpoint.epoch}) is "
+                f"{checkpoint.status}, not committed. Wait for its upload to finish, or pick "
+                "a committed checkpoint from list_checkpoints()."
+            )
+        _logger.info(
+            "Downloading checkpoint %s of run %s (epoch %d, %s bytes)",
+            checkpoint.model_uri,
+            checkpoint.run_id,
+            checkpoint.epoch,
+            checkpoint.size_bytes,
+        )
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=checkpoint.model_uri, dst_path=dst_path
+        )
+    if verify:
+        manifest.verify(local, label=f"{checkpoint.model_uri} (epoch {checkpoint.epoch})")
+    return local
+
+
+def has_training_state(local_dir: str) -> bool:
+    return os.path.isdir(os.path.join(local_dir, TRAINING_STATE_DIR))
+
+
+def load_checkpoint(
+    ref,
+    epoch: int | None = None,
+    model=None,
+    custom_objects=None,
+    compile: bool = True,
+    dst_path: str | None = None,
+    tracking_uri: str | None = None,
+):
+    """Load a checkpoint as a Keras model.
+
+    The model's weights come from the checkpoint; when the model is compiled,
+    its optimizer state (slots and step counter) is restored too, so it can
+    go on training. For weights-only checkpoints pass `model`, a model built
+    by the same code; its weights are overwritten.
+
+    Args:
+        ref: A run id, a `Checkpoint`, a `models:/<model_id>` URI or a local
+            checkpoint folder.
+        epoch: With a run id, the epoch to load; default the latest.
+        model: A model to load the weights into. Required for weights-only
+            checkpoints; for the other formats it replaces the saved
+            architecture with yours (which must match).
+        custom_objects: Classes or functions the saved model refers to, by name.
+        compile: Compile the model with its saved loss, metrics and optimizer.
+        dst_path: Where to download the files; a temporary folder by default.
+        tracking_uri: Tracking server to read from; defaults to the current one.
+
+    Returns:
+        A `keras.Model`.
+
+    Raises:
+        CheckpointNotFoundError: if the run, epoch or URI does not exist.
+        InvalidCheckpointError: if a file is missing or corrupt.
+        IncompatibleCheckpointError: if `model` does not match the checkpoint.
+
+    Example:
+
+    ```python
+    model = mlflow_ckpt.load_checkpoint(run_id)  # latest committed epoch
+    model.evaluate(x_test, y_test)
+    ```
+    """
+    from mlflow_ckpt import training_state
+    from mlflow_ckpt.flavor import load_model_from_dir
+
+    checkpoint = resolve(ref, epoch=epoch, tracking_uri=tracking_uri)
+    local = download(checkpoint, dst_path=dst_path)
+    loaded = load_model_from_dir(
+        local, custom_objects=custom_objects, compile=compile, model=model
+    )
+    if has_training_state(local) and (model is not None or compile):
+        state, arrays = training_state.read(os.path.join(local, TRAINING_STATE_DIR))
+        training_state.restore(loaded, state, arrays)
+    return loaded
+
+
+def delete_checkpoint(checkpoint: Checkpoint, client: MlflowClient | None = None) -> None:
+    """Delete a checkpoint's files from the artifact store, then its LoggedModel record.
+
+    The files go first: `MlflowClient.delete_logged_model` alone leaves them behind.
+    """
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    client = client or _client()
+    logged_model = client.get_logged_model(checkpoint.model_id)
+    repository = get_artifact_repository(logged_model.artifact_location)
+    try:
+        repository.delete_artifacts()
+    except FileNotFoundError:
+        _logger.debug("Files of %s were already gone", checkpoint.model_uri)
+    client.delete_logged_model(checkpoint.model_id)
+    _logger.info(
+        "Deleted checkpoint %s of run %s (epoch %d)",
+        checkpoint.model_uri,
+        checkpoint.run_id,
+        checkpoint.epoch,
+    )

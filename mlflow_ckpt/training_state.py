@@ -1,0 +1,361 @@
+"""Capture and restore the training state that a saved model file does not carry.
+
+A `.keras` or `.h5` file stores weights and, at best, optimizer slots. An exact
+resume also needs the optimizer's step counter (which drives step-based
+learning-rate schedules), every `SeedGenerator` state (Dropout draws its masks
+from one), the epoch and step counters and the state of stateful callbacks.
+This module writes all of that to a folder beside the model:
+
+- `variables.npz`: every model variable (weights and seed generator states)
+  and every optimizer variable, stored by position as `model/00012` and
+  `optimizer/00003`;
+- `state.json`: counters, variable paths and shapes, the architecture
+  fingerprint and the optimizer config;
+- `callbacks.json` and `callbacks.npz`: the state of stateful callbacks,
+  written later than the rest because other callbacks update their state
+  after the checkpoint callback has seen the epoch end.
+
+Restoring checks everything before assigning anything, so a model that does
+not match the checkpoint raises `IncompatibleCheckpointError` and is left as
+it was.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import os
+
+import numpy as np
+
+from mlflow_ckpt.errors import IncompatibleCheckpointError, InvalidCheckpointError
+
+_logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+VARIABLES_FILE = "variables.npz"
+CALLBACKS_FILE = "callbacks.json"
+CALLBACK_ARRAYS_FILE = "callbacks.npz"
+STATE_VERSION = 1
+
+# Attributes that make up the state of Keras' stateful callbacks, by class name.
+# `best_weights` of EarlyStopping is saved too, so `restore_best_weights` still
+# works after a resume.
+CALLBACK_STATE_ATTRIBUTES = {
+    "EarlyStopping": ("wait", "stopped_epoch", "best", "best_epoch", "best_weights"),
+    "ReduceLROnPlateau": ("wait", "cooldown_counter", "best"),
+    "MlflowCheckpoint": ("best",),
+}
+
+
+def _variable_records(variables):
+    return [
+        {"path": getattr(v, "path", v.name), "shape": list(v.shape), "dtype": str(v.dtype)}
+        for v in variables
+    ]
+
+
+def _model_variables(model):
+    # `model.variables` includes SeedGenerator states, which `model.weights` leaves out.
+    return list(model.variables)
+
+
+def _optimizer_variables(model):
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        return []
+    return list(optimizer.variables)
+
+
+def build_optimizer(model):
+    """Create the optimizer's slot variables now instead of on the first step.
+
+    Restoring into an optimizer that is not built would leave its slots to be
+    created, and filled with zeros, on the next `fit`.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or getattr(optimizer, "built", True):
+        return
+    optimizer.build(model.trainable_variables)
+
+
+def architecture_fingerprint(model) -> dict:
+    """Describe the model's structure in a way that survives a new process.
+
+    Layer names are left out on purpose: Keras numbers them per process
+    (`dense`, `dense_1`, ...), so the same code can give other names after a
+    restart. The layer classes, the variable shapes and dtypes and the
+    optimizer class are what must match.
+    """
+    layers = [type(layer).__name__ for layer in model._flatten_layers(include_self=False)]
+    variables = [[list(v.shape), str(v.dtype)] for v in _model_variables(model)]
+    optimizer = getattr(model, "optimizer", None)
+    optimizer_class = type(optimizer).__name__ if optimizer is not None else None
+    description = {"layers": layers, "variables": variables, "optimizer": optimizer_class}
+    digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+    return {"sha256": digest, **description}
+
+
+def _to_json_value(value):
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"float": repr(value)}
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return {"float": repr(float(np.asarray(value)))}
+
+
+def _from_json_value(value):
+    if isinstance(value, dict) and "float" in value:
+        return float(value["float"])
+    return value
+
+
+def capture_callback_states(callbacks) -> tuple[dict, dict]:
+    """Return the JSON state and the array state of the known stateful callbacks.
+
+    Callbacks are keyed by class name and position among callbacks of that
+    class, e.g. `EarlyStopping:0`, so two EarlyStopping callbacks stay apart.
+    """
+    json_states, array_states = {}, {}
+    seen = {}
+    for callback in callbacks:
+        class_name = type(callback).__name__
+        attributes = CALLBACK_STATE_ATTRIBUTES.get(class_name)
+        if attributes is None:
+            continue
+        index = seen.get(class_name, 0)
+        seen[class_name] = index + 1
+        key = f"{class_name}:{index}"
+        state = {}
+        for attribute in attributes:
+            if not hasattr(callback, attribute):
+                continue
+            value = getattr(callback, attribute)
+            if attribute == "best_weights":
+                if value is not None:
+                    for i, array in enumerate(value):
+                        array_states[f"callback/{key}/best_weights/{i:05d}"] = np.asarray(array)
+                    state["best_weights"] = len(value)
+                continue
+            state[attribute] = _to_json_value(value)
+        json_states[key] = state
+    return json_states, array_states
+
+
+def restore_callback_states(callbacks, json_states: dict, arrays) -> list[str]:
+    """Set the saved state on matching callbacks and return the keys restored."""
+    restored = []
+    seen = {}
+    for callback in callbacks:
+        class_name = type(callback).__name__
+        index = seen.get(class_name, 0)
+        seen[class_name] = index + 1
+        key = f"{class_name}:{index}"
+        state = json_states.get(key)
+        if state is None:
+            continue
+        for attribute, value in state.items():
+            if attribute == "best_weights":
+                value = [arrays[f"callback/{key}/best_weights/{i:05d}"] for i in range(value)]
+            else:
+                value = _from_json_value(value)
+            setattr(callback, attribute, value)
+        restored.append(key)
+    return restored
+
+
+def capture(model, *, epoch: int, steps_into_epoch: int = 0, extra=None):
+    """Read the model's full training state into host memory.
+
+    This is the part of a snapshot that must run on the training thread: it
+    copies every variable to NumPy so training can go on while the copy is
+    written and uploaded.
+
+    Args:
+        model: A built Keras model.
+        epoch: Number of completed epochs (1-based count).
+        steps_into_epoch: Optimizer steps already taken in the epoch that is
+            in progress, or 0 for a checkpoint at an epoch boundary.
+        extra: JSON-serializable values to store as they are.
+
+    Returns:
+        A `(state, arrays)` pair for `write`.
+    """
+    build_optimizer(model)
+    model_variables = _model_variables(model)
+    optimizer_variables = _optimizer_variables(model)
+    arrays = {}
+    for i, variable in enumerate(model_variables):
+        arrays[f"model/{i:05d}"] = np.array(variable.numpy())
+    for i, variable in enumerate(optimizer_variables):
+        arrays[f"optimizer/{i:05d}"] = np.array(variable.numpy())
+
+    optimizer = getattr(model, "optimizer", None)
+    global_step = int(optimizer.iterations.numpy()) if optimizer is not None else 0
+    state = {
+        "version": STATE_VERSION,
+        "epoch": int(epoch),
+        "global_step": global_step,
+        "steps_into_epoch": int(steps_into_epoch),
+        "model_variables": _variable_records(model_variables),
+        "optimizer_variables": _variable_records(optimizer_variables),
+        "optimizer_config": _optimizer_config(optimizer),
+        "fingerprint": architecture_fingerprint(model),
+        "extra": extra or {},
+    }
+    return state, arrays
+
+
+def _optimizer_config(optimizer):
+    if optimizer is None:
+        return None
+    import keras
+
+    try:
+        return keras.optimizers.serialize(optimizer)
+    except (TypeError, ValueError) as error:
+        # A custom optimizer without get_config still resumes through its
+        # variables; only rebuilding it from scratch needs the config.
+        _logger.warning("Could not serialize optimizer %r: %s", type(optimizer).__name__, error)
+        return None
+
+
+def write(directory, state: dict, arrays: dict) -> None:
+    """Write a captured state into `directory` (created if missing)."""
+    os.makedirs(directory, exist_ok=True)
+    np.savez(os.path.join(directory, VARIABLES_FILE), **arrays)
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        json.dump(state, f, indent=2, default=_json_default)
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in state.json")
+
+
+def write_callbacks(directory, callbacks) -> list[str]:
+    """Write the state of the known stateful callbacks and return their keys."""
+    json_states, array_states = capture_callback_states(callbacks)
+    os.makedirs(directory, exist_ok=True)
+    np.savez(os.path.join(directory, CALLBACK_ARRAYS_FILE), **array_states)
+    with open(os.path.join(directory, CALLBACKS_FILE), "w") as f:
+        json.dump(json_states, f, indent=2)
+    return sorted(json_states)
+
+
+def read_callbacks(directory):
+    """Read what `write_callbacks` wrote. Returns `(json_states, arrays)`, empty if absent."""
+    json_path = os.path.join(directory, CALLBACKS_FILE)
+    if not os.path.exists(json_path):
+        return {}, {}
+    with open(json_path) as f:
+        json_states = json.load(f)
+    arrays_path = os.path.join(directory, CALLBACK_ARRAYS_FILE)
+    arrays = {}
+    if os.path.exists(arrays_path):
+        with np.load(arrays_path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    return json_states, arrays
+
+
+def read_state(directory) -> dict:
+    """Read only `state.json`: counters, variable records and fingerprint."""
+    with open(os.path.join(directory, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def read(directory):
+    """Read a state written by `write`. Returns `(state, arrays)`."""
+    state_path = os.path.join(directory, STATE_FILE)
+    variables_path = os.path.join(directory, VARIABLES_FILE)
+    for path in (state_path, variables_path):
+        if not os.path.exists(path):
+            raise InvalidCheckpointError(
+                f"Training state file {path} is missing. The checkpoint cannot be resumed; "
+                "load it with load_checkpoint() for inference, or pick another epoch."
+            )
+    with open(state_path) as f:
+        state = json.load(f)
+    try:
+        with np.load(variables_path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError) as error:
+        raise InvalidCheckpointError(
+            f"Training state file {variables_path} is corrupt: {error}"
+        ) from error
+    return state, arrays
+
+
+def describe_differences(expected: dict, actual: dict, limit: int = 8) -> list[str]:
+    """List how two architecture fingerprints differ, most telling first."""
+    differences = []
+    if expected.get("optimizer") != actual.get("optimizer"):
+        differences.append(
+            f"optimizer: checkpoint has {expected.get('optimizer')}, model has {actual.get('optimizer')}"
+        )
+    if expected.get("layers") != actual.get("layers"):
+        differences.append(
+            f"layers: checkpoint has {expected.get('layers')}, model has {actual.get('layers')}"
+        )
+    expected_variables = expected.get("variables", [])
+    actual_variables = actual.get("variables", [])
+    if len(expected_variables) != len(actual_variables):
+        differences.append(
+            f"variable count: checkpoint has {len(expected_variables)}, "
+            f"model has {len(actual_variables)}"
+        )
+    for i, (want, got) in enumerate(zip(expected_variables, actual_variables)):
+        if want != got:
+            differences.append(f"variable {i}: checkpoint has shape/dtype {want}, model has {got}")
+    return differences[:limit]
+
+
+def restore(model, state: dict, arrays: dict) -> None:
+    """Assign a captured state to `model` and its optimizer.
+
+    Raises:
+        IncompatibleCheckpointError: if the model's architecture or optimizer
+            differs from the checkpoint's. Nothing is assigned in that case.
+    """
+    build_optimizer(model)
+    model_variables = _model_variables(model)
+    optimizer_variables = _optimizer_variables(model)
+
+    differences = describe_differences(state["fingerprint"], architecture_fingerprint(model))
+    if len(state["optimizer_variables"]) != len(optimizer_variables):
+        differences.append(
+            f"optimizer variable count: checkpoint has {len(state['optimizer_variables'])}, "
+            f"model has {len(optimizer_variables)}"
+        )
+    else:
+        for i, (record, variable) in enumerate(zip(state["optimizer_variables"], optimizer_variables)):
+            if list(record["shape"]) != list(variable.shape):
+                differences.append(
+                    f"optimizer variable {record['path']}: checkpoint shape {record['shape']}, "
+                    f"model shape {list(variable.shape)}"
+                )
+                break
+    if differences:
+        raise IncompatibleCheckpointError(
+            "The model does not match the checkpoint, so nothing was restored:\n  - "
+            + "\n  - ".join(differences)
+            + "\nBuild the model with the same code and optimizer that trained it, "
+            "or load the checkpoint without a model to get the saved architecture."
+        )
+
+    for i, variable in enumerate(model_variables):
+        variable.assign(arrays[f"model/{i:05d}"])
+    for i, variable in enumerate(optimizer_variables):
+        variable.assign(arrays[f"optimizer/{i:05d}"])
+    _logger.debug(
+        "Restored %d model and %d optimizer variables at epoch %s, step %s",
+        len(model_variables),
+        len(optimizer_variables),
+        state.get("epoch"),
+        state.get("global_step"),
+    )
