@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 import zipfile
 
 import keras
@@ -240,3 +241,15 @@ def test_log_model_returns_logged_model_uri(local_tracking, trained_model):
         info = log_model(trained_model, name="model", format="weights")
     assert info.model_uri == f"models:/{info.model_id}"
     assert mlflow.get_logged_model(info.model_id).name == "model"
+
+
+@pytest.mark.parametrize("format", ["keras", "h5"])
+def test_untrained_model_restores_optimizer(format, tmp_path):
+    path = tmp_path / "model"
+    save_model(build_model(), path, format=format)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = load_model(str(path))
+    assert not [str(warning.message) for warning in caught if "Skipping variable loading" in str(warning.message)]
+    assert restored.optimizer.built
+    assert int(restored.optimizer.iterations.numpy()) == 0

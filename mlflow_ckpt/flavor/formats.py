@@ -69,6 +69,15 @@ def write_model_data(model, model_dir: str, format: str, include_optimizer: bool
     """
     validate_format(format)
     os.makedirs(os.path.join(model_dir, DATA_DIR), exist_ok=True)
+
+    # A compiled model that never trained has an unbuilt optimizer with no
+    # slot variables. Loading compiles and builds it, and the variable counts
+    # would then differ. Building it now stores the same zero slots that
+    # `fit` would create.
+    optimizer = getattr(model, "optimizer", None)
+    if include_optimizer and optimizer is not None and not optimizer.built:
+        optimizer.build(model.trainable_variables)
+
     writer = {
         FORMAT_KERAS: _write_keras,
         FORMAT_H5: _write_h5,
@@ -190,8 +199,8 @@ def _read_weights(model_dir, conf, model):
     path = os.path.join(model_dir, conf["data"])
     _require_path(path, conf)
     # Keras writes the optimizer's variables into `.weights.h5` too. An
-    # optimizer that is not built yet has none to receive them, so Keras
-    # would skip them with a warning; build it on this model first.
+    # optimizer that is not built has no variables to receive them, and Keras
+    # would skip them with a warning. So build it on this model first.
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and model.built and not optimizer.built:
         optimizer.build(model.trainable_variables)
