@@ -19,7 +19,7 @@ import time
 import uuid
 
 from mlflow_ckpt import manifest, training_state
-from mlflow_ckpt.checkpoint import TRAINING_STATE_DIR
+from mlflow_ckpt.checkpoint import MANIFEST_FILE, TRAINING_STATE_DIR
 
 _logger = logging.getLogger(__name__)
 
@@ -57,8 +57,12 @@ class Snapshot:
         return os.path.join(self.folder, MODEL_DIR)
 
     def save(self) -> None:
-        with open(os.path.join(self.folder, SNAPSHOT_FILE), "w") as f:
+        # Write then rename, so a process killed mid-write never leaves a
+        # truncated snapshot.json that marks a folder as complete.
+        path = os.path.join(self.folder, SNAPSHOT_FILE)
+        with open(path + ".tmp", "w") as f:
             json.dump(dataclasses.asdict(self), f, indent=2)
+        os.replace(path + ".tmp", path)
 
     @classmethod
     def load(cls, folder) -> "Snapshot":
@@ -133,9 +137,26 @@ def write_snapshot(
 
 
 def complete_snapshot(snapshot: Snapshot, callbacks=()) -> Snapshot:
-    """Add the callback states and the manifest, then mark the snapshot ready to upload."""
+    """Add the callback states, then mark the snapshot ready to upload.
+
+    The manifest is left to `write_snapshot_manifest`, which the upload
+    worker calls, so hashing the files does not block training.
+    """
+    training_state.write_callbacks(os.path.join(snapshot.model_dir, TRAINING_STATE_DIR), callbacks)
+    # snapshot.json is written last: its presence marks the folder as complete.
+    snapshot.save()
+    return snapshot
+
+
+def write_snapshot_manifest(snapshot: Snapshot) -> Snapshot:
+    """Hash the snapshot's files into `manifest.json` once, and record its size.
+
+    Does nothing if the manifest exists, so a retried upload (or one by a
+    later process) never hashes twice.
+    """
     model_dir = snapshot.model_dir
-    training_state.write_callbacks(os.path.join(model_dir, TRAINING_STATE_DIR), callbacks)
+    if os.path.exists(os.path.join(model_dir, MANIFEST_FILE)) and snapshot.size_bytes:
+        return snapshot
     state = training_state.read_state(os.path.join(model_dir, TRAINING_STATE_DIR))
     written = manifest.write_manifest(
         model_dir,
@@ -148,7 +169,6 @@ def complete_snapshot(snapshot: Snapshot, callbacks=()) -> Snapshot:
         },
     )
     snapshot.size_bytes = written["total_bytes"]
-    # snapshot.json is written last: its presence marks the folder as complete.
     snapshot.save()
     return snapshot
 
@@ -165,6 +185,10 @@ def find_staged(staging_dir: str, run_id: str | None = None) -> list[Snapshot]:
             continue
         for name in sorted(os.listdir(run_folder)):
             folder = os.path.join(run_folder, name)
-            if os.path.exists(os.path.join(folder, SNAPSHOT_FILE)):
+            if not os.path.exists(os.path.join(folder, SNAPSHOT_FILE)):
+                continue
+            try:
                 snapshots.append(Snapshot.load(folder))
+            except (OSError, ValueError, TypeError) as error:
+                _logger.warning("Skipping unreadable staged snapshot %s: %s", folder, error)
     return sorted(snapshots, key=lambda s: (s.run_id, s.epoch, s.global_step))

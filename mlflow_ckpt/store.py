@@ -33,6 +33,11 @@ _logger = logging.getLogger(__name__)
 
 _SEARCH_PAGE_SIZE = 100
 
+# Set on a checkpoint's LoggedModel before its files are deleted. A marked
+# checkpoint is no longer listed, and the next retention pass finishes a
+# deletion that a crash interrupted.
+TAG_DELETING = "mlflow_ckpt.deleting"
+
 
 def _client(tracking_uri: str | None = None) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
@@ -127,7 +132,7 @@ def list_checkpoints(
     checkpoints = []
     for logged_model in search_checkpoint_models(run, client):
         checkpoint = checkpoint_from_logged_model(logged_model)
-        if checkpoint is None:
+        if checkpoint is None or (logged_model.tags or {}).get(TAG_DELETING):
             continue
         if include_pending or checkpoint.status == STATUS_READY:
             checkpoints.append(checkpoint)
@@ -384,12 +389,15 @@ def load_checkpoint(
 def delete_checkpoint(checkpoint: Checkpoint, client: MlflowClient | None = None) -> None:
     """Delete a checkpoint's files from the artifact store, then its LoggedModel record.
 
-    The files go first: `MlflowClient.delete_logged_model` alone leaves them behind.
+    The files go first: `MlflowClient.delete_logged_model` alone leaves them
+    behind. Before that, the checkpoint is tagged as being deleted, so that it
+    is never listed (or resumed from) with part of its files gone.
     """
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     client = client or _client()
     logged_model = client.get_logged_model(checkpoint.model_id)
+    client.set_logged_model_tags(checkpoint.model_id, {TAG_DELETING: "true"})
     repository = get_artifact_repository(logged_model.artifact_location)
     try:
         repository.delete_artifacts()

@@ -3,31 +3,45 @@
 The training thread hands over two kinds of task, in order:
 
 - epoch metrics, logged to the run with `step` = epoch;
-- staged snapshots, each committed as: find or create the LoggedModel
-  (PENDING), upload the files, verify them, link the epoch's metrics,
-  finalize READY, update the run's pointers and index, apply retention,
-  delete the staging folder.
+- staged snapshots, each committed as: hash the files into the manifest,
+  find or create the LoggedModel (PENDING), upload the files, verify them,
+  link the epoch's metrics, finalize READY, then update the run's pointers
+  and index, apply retention and delete the staging folder.
 
-A failing task is retried with exponential back-off and blocks the tasks
-behind it, so metrics and checkpoints reach MLflow in training order. A retry
-never creates a second LoggedModel: each snapshot carries a unique id tag and
-the worker looks for it before creating one. Snapshots wait on disk, so a
-process that dies leaves them for `upload_staged` to commit later.
+A task that fails with a transient error (server unreachable, timeout, 5xx,
+429) is retried with exponential back-off for as long as training runs, and
+blocks the tasks behind it, so metrics and checkpoints reach MLflow in
+training order. Any other error is retried `max_attempts` times, then the
+task is abandoned and reported, and the worker moves on.
+
+Retries never duplicate anything. Each snapshot carries a unique id tag that
+the worker looks for before creating a LoggedModel, and epoch metrics keep
+the timestamp of their first attempt, so a resent value is identical to the
+stored one and MLflow's SQL stores keep one copy.
+
+Both kinds of task are journaled in the staging folder: a snapshot is its
+folder, and pending metrics are small JSON files beside the snapshots. A
+process that ends or dies before they are sent leaves them for
+`upload_staged` (or `mlflow-ckpt upload`) to send later.
 """
 
 import collections
 import dataclasses
+import json
 import logging
 import os
 import sys
 import threading
 import time
+import uuid
 
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.tracking import MlflowClient
 
-from mlflow_ckpt import policies, run_index, store
+from mlflow_ckpt import manifest, policies, run_index, store
+from mlflow_ckpt._http_limits import short_http_limits
 from mlflow_ckpt.checkpoint import (
     KIND_CHECKPOINT,
     RUN_TAG_BEST,
@@ -41,11 +55,19 @@ from mlflow_ckpt.checkpoint import (
     TAG_STEP,
 )
 from mlflow_ckpt.errors import CheckpointError
-from mlflow_ckpt.snapshot import Snapshot
+from mlflow_ckpt.snapshot import Snapshot, default_staging_dir, find_staged, write_snapshot_manifest
 
 _logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "mlflow-ckpt-checkpoint"
+METRICS_FILE_PREFIX = "metrics-"
+
+
+class UploadIncompleteError(CheckpointError):
+    """The artifact store lists fewer or shorter files than the snapshot has; retried."""
+
+    def __init__(self, message, **kwargs):
+        super().__init__(message, error_code=INTERNAL_ERROR, **kwargs)
 
 
 @dataclasses.dataclass
@@ -54,39 +76,73 @@ class _MetricsTask:
     metrics: dict
     step: int
     timestamp_ms: int
+    journal_path: str | None = None
+
+    def describe(self) -> str:
+        return f"metrics of run {self.run_id} at epoch {self.step}"
 
 
 @dataclasses.dataclass
 class _SnapshotTask:
     snapshot: Snapshot
 
+    def describe(self) -> str:
+        return f"checkpoint of run {self.snapshot.run_id} at epoch {self.snapshot.epoch}"
+
 
 @dataclasses.dataclass
 class FlushResult:
-    """What `Uploader.flush` left behind: snapshots not committed, and the last errors."""
+    """What `Uploader.flush` left behind.
+
+    Attributes:
+        unsent: Snapshots not committed yet; their folders are still on disk.
+        failed: Snapshots abandoned after a non-transient error; also on disk.
+        unsent_metrics: Number of epoch-metric batches not logged yet.
+        errors: The last error messages, newest last.
+    """
 
     unsent: list
+    failed: list
+    unsent_metrics: int
     errors: list
 
     @property
     def ok(self) -> bool:
-        return not self.unsent
+        return not self.unsent and not self.failed and not self.unsent_metrics
+
+
+def is_transient(error: BaseException) -> bool:
+    """Return True for errors that a later attempt can cure: no connection, timeouts, 5xx, 429."""
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+        return status >= 500 or status == 429
+    return isinstance(error, (ConnectionError, TimeoutError))
 
 
 class Uploader:
-    """Commit snapshots and metrics to MLflow on a background thread.
+    """Commit snapshots and epoch metrics to MLflow on a background thread.
 
     Args:
         tracking_uri: Tracking server to write to; the current one by default.
-        max_pending: Most snapshots waiting at once. `submit_snapshot` blocks
-            the caller (back-pressure) rather than letting staged copies fill
-            the disk.
+        max_pending: Maximum number of snapshots staged and not yet committed.
+            `submit_snapshot` blocks the caller (back-pressure) rather than
+            letting staged copies fill the disk, also while the server is
+            unreachable.
         retention: Retention rules from `mlflow_ckpt.policies`, applied to the
             run after each commit.
         monitor: Metric that decides the best checkpoint, or None.
         mode: `"min"` or `"max"` for `monitor`.
+        staging_dir: Folder where pending epoch metrics are journaled so they
+            survive the process. None keeps them in memory only.
         retry_initial: First wait in seconds after a failure; doubles up to `retry_max`.
         retry_max: Longest wait in seconds between two attempts.
+        max_attempts: Attempts at a task that fails with a non-transient
+            error before it is abandoned. Transient errors retry without limit.
+        request_timeout: Seconds one HTTP request of the worker may wait for
+            the server. MLflow's own retries are turned off for the worker's
+            calls, so an outage fails fast and the worker's back-off applies.
+        outage_timeout: `flush(timeout=None)` stops waiting once uploads have
+            failed without a break for this many seconds.
         on_commit: Called as `on_commit(epoch, model_uri)` from the worker
             thread after each commit.
     """
@@ -98,26 +154,42 @@ class Uploader:
         retention=(),
         monitor: str | None = None,
         mode: str = "min",
+        staging_dir: str | None = None,
         retry_initial: float = 1.0,
-        retry_max: float = 30.0,
+        retry_max: float = 15.0,
+        max_attempts: int = 3,
+        request_timeout: int = 30,
+        outage_timeout: float = 120.0,
         on_commit=None,
     ):
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be a positive integer. Received: max_pending={max_pending!r}")
+        if not retry_initial > 0 or retry_max < retry_initial:
+            raise ValueError(
+                "retry_initial must be > 0 and retry_max >= retry_initial. Received: "
+                f"retry_initial={retry_initial!r}, retry_max={retry_max!r}"
+            )
         self._tracking_uri = tracking_uri
         self._client = MlflowClient(tracking_uri=tracking_uri)
         self.max_pending = max_pending
         self.retention = list(retention)
         self.monitor = monitor
         self.mode = mode
+        self.staging_dir = staging_dir
         self.retry_initial = retry_initial
         self.retry_max = retry_max
+        self.max_attempts = max_attempts
+        self.request_timeout = request_timeout
+        self.outage_timeout = outage_timeout
         self.on_commit = on_commit
 
         self._tasks = collections.deque()
         self._condition = threading.Condition()
         self._pending_snapshots = 0
-        self._busy = False
         self._stopping = False
+        self._failing_since = None
         self._errors = []
+        self._failed = []
         self._committed = []
         self._thread = threading.Thread(target=self._work, name="mlflow-ckpt-uploader", daemon=True)
         self._thread.start()
@@ -125,145 +197,211 @@ class Uploader:
     # Training-thread side.
 
     def submit_metrics(self, run_id: str, metrics: dict, step: int) -> None:
-        task = _MetricsTask(run_id, dict(metrics), int(step), int(time.time() * 1000))
+        """Queue one epoch's metrics, journaled to the staging folder first."""
+        task = _MetricsTask(run_id, {k: float(v) for k, v in metrics.items()}, int(step), int(time.time() * 1000))
+        if self.staging_dir:
+            task.journal_path = _write_metrics_journal(self.staging_dir, task)
         with self._condition:
+            self._raise_if_stopped()
             self._tasks.append(task)
             self._condition.notify_all()
 
     def submit_snapshot(self, snapshot: Snapshot) -> None:
+        """Queue a staged snapshot; block while `max_pending` snapshots are waiting."""
         with self._condition:
+            self._raise_if_stopped()
             if self._pending_snapshots >= self.max_pending:
                 _logger.warning(
-                    "%d checkpoints of run %s are waiting to upload; training waits for one "
-                    "to finish before staging epoch %d.",
-                    self._pending_snapshots,
+                    "Run %s: %d checkpoints are waiting to upload (max_pending=%d); training "
+                    "waits for one to finish before queuing epoch %d.%s",
                     snapshot.run_id,
+                    self._pending_snapshots,
+                    self.max_pending,
                     snapshot.epoch,
+                    " Uploads are failing: " + self._errors[-1] if self._failing_since else "",
                 )
-            while self._pending_snapshots >= self.max_pending:
+            while self._pending_snapshots >= self.max_pending and self._thread.is_alive():
                 self._condition.wait(timeout=1.0)
             self._pending_snapshots += 1
             self._tasks.append(_SnapshotTask(snapshot))
             self._condition.notify_all()
 
+    def _raise_if_stopped(self) -> None:
+        if self._stopping or not self._thread.is_alive():
+            raise RuntimeError("The uploader is closed; create a new Uploader to submit more work.")
+
     @property
     def committed(self) -> list:
-        """Checkpoints committed by this uploader, in commit order."""
+        """`(epoch, model_id)` of the checkpoints committed by this uploader, in commit order."""
         with self._condition:
             return list(self._committed)
 
+    @property
+    def errors(self) -> list:
+        """Every error message recorded by the worker, oldest first."""
+        with self._condition:
+            return list(self._errors)
+
     def pending_count(self) -> int:
+        """Return the number of snapshots submitted and not yet committed or abandoned."""
         with self._condition:
             return self._pending_snapshots
 
     def flush(self, timeout: float | None = None, show_progress: bool = True) -> FlushResult:
-        """Wait until every submitted task is done, or until `timeout` seconds pass.
+        """Wait until every submitted task is done, or stop waiting earlier.
 
-        Prints one progress line to stderr while checkpoints are still uploading.
+        Waiting stops after `timeout` seconds, or, with `timeout=None`, once
+        uploads have failed without a break for `outage_timeout` seconds.
+        While checkpoints are uploading, a progress line goes to stderr.
 
         Returns:
-            A `FlushResult` with the snapshots that are still not committed.
+            A `FlushResult` with what is still not committed.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         last_line = None
         with self._condition:
-            while self._tasks or self._busy:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+            while self._tasks and self._thread.is_alive():
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     break
+                if deadline is None and self._failing_since is not None:
+                    if now - self._failing_since >= self.outage_timeout:
+                        break
                 if show_progress and self._pending_snapshots:
-                    line = f"mlflow-ckpt: waiting for {self._pending_snapshots} checkpoint upload(s)"
+                    line = self._progress_line()
                     if line != last_line:
                         print(line, file=sys.stderr, flush=True)
                         last_line = line
-                self._condition.wait(timeout=1.0 if remaining is None else min(1.0, remaining))
-            unsent = [task.snapshot for task in self._tasks if isinstance(task, _SnapshotTask)]
-            if self._busy and self._current_snapshot is not None:
-                unsent.insert(0, self._current_snapshot)
-            return FlushResult(unsent=unsent, errors=list(self._errors[-5:]))
+                wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - now))
+                self._condition.wait(timeout=wait)
+            return self._result()
+
+    def _progress_line(self) -> str:
+        waiting = [t.snapshot for t in self._tasks if isinstance(t, _SnapshotTask)]
+        megabytes = sum(s.size_bytes for s in waiting) / 1e6
+        line = f"mlflow-ckpt: waiting for {len(waiting)} checkpoint upload(s)"
+        if megabytes:
+            line += f", {megabytes:.1f} MB"
+        if self._failing_since is not None and self._errors:
+            line += f"; retrying after: {self._errors[-1]}"
+        return line
+
+    def _result(self) -> FlushResult:
+        return FlushResult(
+            unsent=[t.snapshot for t in self._tasks if isinstance(t, _SnapshotTask)],
+            failed=list(self._failed),
+            unsent_metrics=sum(isinstance(t, _MetricsTask) for t in self._tasks),
+            errors=list(self._errors[-5:]),
+        )
 
     def close(self, timeout: float | None = None, show_progress: bool = True) -> FlushResult:
-        """Flush, then stop the worker thread. Unsent snapshots stay on disk."""
+        """Flush, then stop the worker thread. What is not sent stays in the staging folder."""
         result = self.flush(timeout=timeout, show_progress=show_progress)
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
-        self._thread.join(timeout=5)
-        return result
+        # The worker finishes its current HTTP call first; request_timeout bounds that.
+        self._thread.join(timeout=self.request_timeout + 5)
+        with self._condition:
+            return self._result()
 
     # Worker side.
-
-    _current_snapshot = None
 
     def _work(self) -> None:
         while True:
             with self._condition:
                 while not self._tasks and not self._stopping:
                     self._condition.wait()
-                if not self._tasks:
+                if self._stopping:
                     return
                 task = self._tasks[0]
-                self._busy = True
-                self._current_snapshot = task.snapshot if isinstance(task, _SnapshotTask) else None
-            done = self._run_with_retries(task)
+            outcome = self._run_with_retries(task)
             with self._condition:
-                self._busy = False
-                self._current_snapshot = None
-                if done:
+                if outcome != "stopped":
                     self._tasks.popleft()
                     if isinstance(task, _SnapshotTask):
                         self._pending_snapshots -= 1
+                        if outcome == "failed":
+                            self._failed.append(task.snapshot)
                 self._condition.notify_all()
-                if not done:
+                if outcome == "stopped":
                     return
 
-    def _run_with_retries(self, task) -> bool:
+    def _run_with_retries(self, task) -> str:
+        """Run one task until it succeeds (`"done"`), is abandoned (`"failed"`) or the uploader stops."""
         delay = self.retry_initial
         attempt = 0
+        permanent_failures = 0
         while True:
             attempt += 1
             try:
-                if isinstance(task, _MetricsTask):
-                    self._log_metrics(task)
-                else:
-                    self.commit(task.snapshot)
-                return True
-            except Exception as error:  # noqa: BLE001 - any failure is retried, then reported
-                self._record_error(task, error, attempt)
+                with short_http_limits(max_retries=0, timeout=self.request_timeout):
+                    if isinstance(task, _MetricsTask):
+                        self._log_metrics(task)
+                    else:
+                        self.commit(task.snapshot)
+                if self._failing_since is not None:
+                    _logger.info("Uploading %s succeeded after %d attempts.", task.describe(), attempt)
+                with self._condition:
+                    self._failing_since = None
+                return "done"
+            except Exception as error:  # noqa: BLE001 - every failure is retried or reported
+                transient = is_transient(error)
+                permanent_failures += not transient
+                self._record_error(task, error, attempt, transient)
+                if permanent_failures >= self.max_attempts:
+                    self._abandon(task, error)
+                    return "failed"
             with self._condition:
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
                 if self._stopping:
-                    return False
+                    return "stopped"
                 self._condition.wait(timeout=delay)
                 if self._stopping:
-                    return False
+                    return "stopped"
             delay = min(delay * 2, self.retry_max)
 
-    def _record_error(self, task, error, attempt) -> None:
-        if isinstance(task, _SnapshotTask):
-            what = f"checkpoint of run {task.snapshot.run_id} at epoch {task.snapshot.epoch}"
-        else:
-            what = f"metrics of run {task.run_id} at epoch {task.step}"
-        message = f"Uploading {what} failed (attempt {attempt}): {error}"
+    def _record_error(self, task, error, attempt, transient) -> None:
+        message = f"Uploading {task.describe()} failed (attempt {attempt}): {_one_line(error)}"
         with self._condition:
             self._errors.append(message)
-        # The first failure is a warning; the retries that follow are logged at debug level
-        # so an outage of many minutes does not flood the training log.
+        # The first failure is a warning; the retries that follow are logged at debug
+        # level so an outage of many minutes does not flood the training log.
         if attempt == 1:
-            _logger.warning("%s. Training continues; retrying in the background.", message)
+            kind = "retrying in the background" if transient else f"retrying up to {self.max_attempts} times"
+            _logger.warning("%s. Training continues; %s.", message, kind)
         else:
             _logger.debug(message)
 
+    def _abandon(self, task, error) -> None:
+        where = ""
+        if isinstance(task, _SnapshotTask):
+            where = f" Its files stay in {task.snapshot.folder}."
+        elif task.journal_path:
+            where = f" The values stay in {task.journal_path}."
+        _logger.error(
+            "Gave up uploading %s after %d failed attempts: %s.%s Fix the cause, then run "
+            "mlflow_ckpt.upload_staged() or `mlflow-ckpt upload`.",
+            task.describe(),
+            self.max_attempts,
+            _one_line(error),
+            where,
+        )
+
     def _log_metrics(self, task: _MetricsTask) -> None:
         metrics = [
-            Metric(key, float(value), task.timestamp_ms, task.step)
-            for key, value in task.metrics.items()
+            Metric(key, value, task.timestamp_ms, task.step) for key, value in task.metrics.items()
         ]
         if metrics:
             self._client.log_batch(task.run_id, metrics=metrics, synchronous=True)
+        if task.journal_path:
+            _remove_quietly(task.journal_path)
 
     # Committing one snapshot.
 
-    def _find_existing(self, snapshot: Snapshot):
+    def _find_existing(self, snapshot: Snapshot) -> list:
+        """Return the run's LoggedModels carrying this snapshot's id, oldest first."""
         page = self._client.search_logged_models(
             experiment_ids=[snapshot.experiment_id],
             filter_string=(
@@ -272,71 +410,93 @@ class Uploader:
             ),
             max_results=10,
         )
-        return list(page)[0] if len(page) else None
+        return sorted(page, key=lambda m: (m.creation_timestamp, m.model_id))
 
-    def commit(self, snapshot: Snapshot) -> None:
-        """Upload one staged snapshot and mark it READY. Safe to call again after a failure."""
+    def _find_or_create(self, snapshot: Snapshot):
+        existing = self._find_existing(snapshot)
+        if not existing:
+            self._client.create_logged_model(
+                experiment_id=snapshot.experiment_id,
+                name=f"checkpoint-epoch-{snapshot.epoch:04d}",
+                source_run_id=snapshot.run_id,
+                tags={
+                    TAG_KIND: KIND_CHECKPOINT,
+                    TAG_EPOCH: str(snapshot.epoch),
+                    TAG_STEP: str(snapshot.global_step),
+                    TAG_FORMAT: snapshot.format,
+                    TAG_SIZE: str(snapshot.size_bytes),
+                    TAG_SNAPSHOT_ID: snapshot.snapshot_id,
+                },
+                model_type=MODEL_TYPE,
+            )
+            # Search again rather than trust the answer: a create whose answer was
+            # lost and whose retry raced with it leaves two models to reconcile here.
+            existing = self._find_existing(snapshot)
+            if not existing:
+                raise UploadIncompleteError(
+                    f"The LoggedModel of snapshot {snapshot.snapshot_id} is not found right "
+                    "after it was created; retrying."
+                )
+        keep, extras = existing[0], existing[1:]
+        for extra in extras:
+            _logger.warning(
+                "Run %s epoch %d: deleting duplicate LoggedModel %s of snapshot %s (keeping %s)",
+                snapshot.run_id, snapshot.epoch, extra.model_id, snapshot.snapshot_id, keep.model_id,
+            )
+            checkpoint = store.checkpoint_from_logged_model(extra)
+            if checkpoint is not None:
+                store.delete_checkpoint(checkpoint, self._client)
+        return keep
+
+    def commit(self, snapshot: Snapshot) -> str:
+        """Upload one staged snapshot and mark it READY. Safe to call again after any failure.
+
+        Returns:
+            The model id of the committed LoggedModel.
+        """
         started = time.monotonic()
-        client = self._client
-        logged_model = self._find_existing(snapshot)
-        if logged_model is not None and store._status_name(logged_model.status) == STATUS_READY:
+        write_snapshot_manifest(snapshot)
+        logged_model = self._find_or_create(snapshot)
+        if store._status_name(logged_model.status) == STATUS_READY:
             _logger.info(
                 "Checkpoint of run %s at epoch %d was already committed as %s",
-                snapshot.run_id,
-                snapshot.epoch,
-                logged_model.model_id,
+                snapshot.run_id, snapshot.epoch, logged_model.model_id,
             )
         else:
-            if logged_model is None:
-                logged_model = client.create_logged_model(
-                    experiment_id=snapshot.experiment_id,
-                    name=f"checkpoint-epoch-{snapshot.epoch:04d}",
-                    source_run_id=snapshot.run_id,
-                    tags={
-                        TAG_KIND: KIND_CHECKPOINT,
-                        TAG_EPOCH: str(snapshot.epoch),
-                        TAG_STEP: str(snapshot.global_step),
-                        TAG_FORMAT: snapshot.format,
-                        TAG_SIZE: str(snapshot.size_bytes),
-                        TAG_SNAPSHOT_ID: snapshot.snapshot_id,
-                    },
-                    model_type=MODEL_TYPE,
-                )
-            client.log_model_artifacts(logged_model.model_id, snapshot.model_dir)
+            self._client.log_model_artifacts(logged_model.model_id, snapshot.model_dir)
             self._verify_upload(logged_model, snapshot)
-            metrics = [
-                Metric(
-                    key,
-                    float(value),
-                    int(snapshot.created * 1000),
-                    snapshot.epoch,
-                    model_id=logged_model.model_id,
-                )
-                for key, value in snapshot.metrics.items()
-            ]
-            if metrics:
-                client.log_batch(snapshot.run_id, metrics=metrics, synchronous=True)
-            client.finalize_logged_model(logged_model.model_id, STATUS_READY)
+            self._link_metrics(logged_model.model_id, snapshot)
+            self._client.finalize_logged_model(logged_model.model_id, STATUS_READY)
             _logger.info(
                 "Committed checkpoint %s of run %s at epoch %d (%d bytes, %.1f s)",
-                logged_model.model_id,
-                snapshot.run_id,
-                snapshot.epoch,
-                snapshot.size_bytes,
-                time.monotonic() - started,
+                logged_model.model_id, snapshot.run_id, snapshot.epoch,
+                snapshot.size_bytes, time.monotonic() - started,
             )
 
         with self._condition:
             self._committed.append((snapshot.epoch, logged_model.model_id))
-        snapshot.discard()
         self._after_commit(snapshot.run_id)
+        snapshot.discard()
         if self.on_commit is not None:
-            self.on_commit(snapshot.epoch, f"models:/{logged_model.model_id}")
+            try:
+                self.on_commit(snapshot.epoch, f"models:/{logged_model.model_id}")
+            except Exception as error:  # noqa: BLE001 - a reporting hook must not undo a commit
+                _logger.warning("on_commit hook failed for epoch %d: %s", snapshot.epoch, error)
+        return logged_model.model_id
+
+    def _link_metrics(self, model_id: str, snapshot: Snapshot) -> None:
+        # The timestamp is the snapshot's, fixed at staging, so a retry logs
+        # identical values and the SQL store keeps a single copy.
+        metrics = [
+            Metric(key, float(value), int(snapshot.created * 1000), snapshot.epoch, model_id=model_id)
+            for key, value in snapshot.metrics.items()
+        ]
+        if metrics:
+            self._client.log_batch(snapshot.run_id, metrics=metrics, synchronous=True)
 
     def _verify_upload(self, logged_model, snapshot: Snapshot) -> None:
+        """Compare the artifact store's listing with the manifest: every file, with its size."""
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-        from mlflow_ckpt import manifest
 
         expected = manifest.read_manifest(snapshot.model_dir)["files"]
         repository = get_artifact_repository(logged_model.artifact_location)
@@ -356,8 +516,10 @@ class Uploader:
                 problems.append(f"{relative} missing")
             elif size != record["size"]:
                 problems.append(f"{relative} has {size} bytes, expected {record['size']}")
+        if manifest.MANIFEST_FILE not in found:
+            problems.append(f"{manifest.MANIFEST_FILE} missing")
         if problems:
-            raise CheckpointError(
+            raise UploadIncompleteError(
                 f"Upload of {logged_model.model_id} is incomplete: " + "; ".join(problems)
             )
 
@@ -365,57 +527,173 @@ class Uploader:
         # Pointers, index and retention are derived from the store, so a
         # failure here is repaired by the next commit; it never fails the commit.
         try:
+            apply_retention(run_id, self.retention, self.monitor, self.mode, self._client)
             checkpoints = store.list_checkpoints(run_id, tracking_uri=self._tracking_uri)
-            if self.retention:
-                for checkpoint in policies.checkpoints_to_delete(
-                    checkpoints, self.retention, self.monitor, self.mode
-                ):
-                    store.delete_checkpoint(checkpoint, self._client)
-                checkpoints = store.list_checkpoints(run_id, tracking_uri=self._tracking_uri)
             if not checkpoints:
                 return
             self._client.set_tag(run_id, RUN_TAG_LATEST, checkpoints[-1].model_id)
             if self.monitor:
-                best = policies.rank_by_metric(
+                ranked = policies.rank_by_metric(
                     checkpoints, self.monitor, policies.resolve_mode(self.monitor, self.mode)
                 )
-                if best:
-                    self._client.set_tag(run_id, RUN_TAG_BEST, best[0].model_id)
+                if ranked:
+                    self._client.set_tag(run_id, RUN_TAG_BEST, ranked[0].model_id)
             run_index.write_index(self._client, run_id, checkpoints, monitor=self.monitor)
         except (MlflowException, OSError) as error:
-            _logger.warning("Updating the checkpoint index of run %s failed: %s", run_id, error)
+            _logger.warning(
+                "Run %s: updating the checkpoint pointers, index or retention failed: %s",
+                run_id, _one_line(error),
+            )
+
+
+def apply_retention(run_id: str, rules, monitor: str | None, mode: str, client: MlflowClient) -> list:
+    """Delete the committed checkpoints of `run_id` that no retention rule keeps.
+
+    Also finishes deletions that an earlier process started and did not
+    complete. The newest checkpoint and the best by `monitor` are always kept.
+
+    Returns:
+        The checkpoints deleted.
+    """
+    run = store.get_run(run_id, client)
+    for logged_model in store.search_checkpoint_models(run, client):
+        if (logged_model.tags or {}).get(store.TAG_DELETING):
+            checkpoint = store.checkpoint_from_logged_model(logged_model)
+            if checkpoint is not None:
+                store.delete_checkpoint(checkpoint, client)
+    if not rules:
+        return []
+    checkpoints = store.list_checkpoints(run_id, tracking_uri=client.tracking_uri)
+    doomed = policies.checkpoints_to_delete(checkpoints, rules, monitor, mode)
+    for checkpoint in doomed:
+        store.delete_checkpoint(checkpoint, client)
+    return doomed
+
+
+def _one_line(error: BaseException) -> str:
+    message = getattr(error, "message", None) or str(error) or type(error).__name__
+    return " ".join(str(message).split())
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+# The metrics journal: one small JSON file per pending batch, beside the run's snapshots.
+
+
+def _write_metrics_journal(staging_dir: str, task: _MetricsTask) -> str:
+    folder = os.path.join(staging_dir, task.run_id)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{METRICS_FILE_PREFIX}epoch-{task.step:05d}-{uuid.uuid4().hex[:8]}.json")
+    record = {
+        "run_id": task.run_id,
+        "step": task.step,
+        "timestamp_ms": task.timestamp_ms,
+        "metrics": task.metrics,
+    }
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def find_staged_metrics(staging_dir: str, run_id: str | None = None) -> list:
+    """Return the epoch-metric batches journaled in `staging_dir`, oldest epoch first."""
+    if not os.path.isdir(staging_dir):
+        return []
+    tasks = []
+    for run in [run_id] if run_id else sorted(os.listdir(staging_dir)):
+        folder = os.path.join(staging_dir, run)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            if not (name.startswith(METRICS_FILE_PREFIX) and name.endswith(".json")):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+                tasks.append(
+                    _MetricsTask(record["run_id"], record["metrics"], int(record["step"]),
+                                 int(record["timestamp_ms"]), journal_path=path)
+                )
+            except (OSError, ValueError, KeyError) as error:
+                _logger.warning("Skipping unreadable metrics journal %s: %s", path, error)
+    return sorted(tasks, key=lambda t: (t.run_id, t.step))
 
 
 def upload_staged(
-    staging_dir: str | None = None, run_id: str | None = None, tracking_uri: str | None = None
+    staging_dir: str | None = None,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    retention=(),
+    monitor: str | None = None,
+    mode: str = "min",
 ) -> list:
-    """Commit snapshots left in a staging folder by a crash or an outage.
+    """Send checkpoints and epoch metrics that a crash or an outage left in a staging folder.
+
+    Each is sent once: a checkpoint that was partly uploaded before is
+    completed, not duplicated, and metrics already logged are not repeated.
+
+    Args:
+        staging_dir: The staging folder; `$MLFLOW_CKPT_STAGING_DIR` or
+            `~/.cache/mlflow-ckpt/staging` by default.
+        run_id: Send only this run's; all runs by default.
+        tracking_uri: Tracking server to send to; the current one by default.
+        retention: Retention rules to apply after each commit, as the callback would.
+        monitor: Metric that decides the best checkpoint, for the run's pointers.
+        mode: `"min"`, `"max"` or `"auto"` for `monitor`.
 
     Returns:
-        The `(epoch, model_id)` pairs committed.
-    """
-    from mlflow_ckpt.snapshot import default_staging_dir, find_staged
+        The `(epoch, model_id)` pairs committed, in order.
 
+    Raises:
+        MlflowException: the first error that prevented a send; what is left
+            stays in the staging folder for another try.
+
+    Example:
+
+    ```python
+    mlflow.set_tracking_uri("http://127.0.0.1:5000")
+    mlflow_ckpt.upload_staged(run_id="0123abcd...")
+    ```
+    """
     staging_dir = staging_dir or default_staging_dir()
     snapshots = find_staged(staging_dir, run_id)
-    uploader = Uploader(tracking_uri=tracking_uri, max_pending=max(1, len(snapshots)))
+    metrics = find_staged_metrics(staging_dir, run_id)
+    tasks = [(t.run_id, t.step, 0, t) for t in metrics]
+    tasks += [(s.run_id, s.epoch, 1, _SnapshotTask(s)) for s in snapshots]
+    tasks.sort(key=lambda entry: entry[:3])
+    if monitor:
+        mode = policies.resolve_mode(monitor, mode)
+    uploader = Uploader(tracking_uri=tracking_uri, retention=retention, monitor=monitor, mode=mode)
     try:
-        for snapshot in snapshots:
-            print(
-                f"mlflow-ckpt: uploading epoch {snapshot.epoch} of run {snapshot.run_id} "
-                f"({snapshot.size_bytes} bytes) from {snapshot.folder}",
-                file=sys.stderr,
-            )
-            uploader.commit(snapshot)
+        for _, _, _, task in tasks:
+            _logger.info("Uploading staged %s", task.describe())
+            if isinstance(task, _MetricsTask):
+                uploader._log_metrics(task)
+            else:
+                uploader.commit(task.snapshot)
     finally:
         uploader.close(timeout=0, show_progress=False)
     return uploader.committed
 
 
-def describe_unsent(snapshots) -> str:
-    folders = sorted({os.path.dirname(s.folder) for s in snapshots})
+def describe_unsent(result: FlushResult, staging_dir: str, run_id: str) -> str:
+    """Tell the user what was not sent, where it is, and how to send it."""
+    parts = []
+    if result.unsent or result.failed:
+        parts.append(f"{len(result.unsent) + len(result.failed)} checkpoint(s)")
+    if result.unsent_metrics:
+        parts.append(f"{result.unsent_metrics} epoch(s) of metrics")
+    folder = os.path.join(staging_dir, run_id)
     return (
-        f"{len(snapshots)} checkpoint(s) were not uploaded and are kept in "
-        + ", ".join(folders)
-        + ". Upload them with `mlflow-ckpt upload` once the tracking server is reachable."
+        f"{' and '.join(parts)} of run {run_id} were not uploaded and are kept in {folder}. "
+        f"Once the tracking server is reachable, send them with "
+        f"`mlflow_ckpt.upload_staged(staging_dir={staging_dir!r}, run_id={run_id!r})` "
+        f"or `mlflow-ckpt upload`."
     )
