@@ -11,7 +11,7 @@ import mlflow
 # keras.config.disable_interactive_logging(); there is no public alias.
 from keras.src.utils import io_utils
 
-from mlflow_ckpt import policies, snapshot, store, training_state
+from mlflow_ckpt import distributed, policies, snapshot, store, training_state
 from mlflow_ckpt.uploader import Uploader, describe_unsent
 
 _logger = logging.getLogger(__name__)
@@ -191,6 +191,7 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         self._best = policies.BestOnly(monitor, self.mode, initial_value_threshold)
 
         self._uploader = None
+        self._is_chief = True
         self._run = None
         self._started_run = False
         self._staged = None
@@ -249,14 +250,22 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         self._check_steps_per_execution()
         if self.tracked_callbacks is None:
             self.tracked_callbacks = self._sibling_callbacks()
-        self._attach_run()
-        self._uploader = Uploader(
-            max_pending=self.max_pending,
-            retention=self.retention,
-            monitor=self.monitor,
-            mode=self.mode,
-            on_commit=self._report_commit,
-        )
+        self._is_chief = distributed.is_chief(self.model)
+        if self._is_chief:
+            self._attach_run()
+            self._uploader = Uploader(
+                max_pending=self.max_pending,
+                retention=self.retention,
+                monitor=self.monitor,
+                mode=self.mode,
+                staging_dir=self.staging_dir,
+                on_commit=self._report_commit,
+            )
+        else:
+            _logger.info(
+                "MlflowCheckpoint on %s: only the chief worker logs to MLflow.",
+                distributed.worker_description(),
+            )
         if self.resume_from is not None:
             self._apply_resume_state(self.resume_from)
         elif self.resume:
@@ -339,6 +348,8 @@ class MlflowCheckpoint(keras.callbacks.Callback):
     # Saving.
 
     def _stage(self, epoch: int, steps_into_epoch: int, logs: dict, metrics_logged: bool = False):
+        if not self._is_chief:
+            return
         self._finish_staged()
         metrics = {key: value for key, value in logs.items() if _is_number(value)}
         if metrics_logged or epoch in self._logged_steps:
@@ -390,7 +401,7 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         self._best.best = value
 
     def _log_epoch_metrics(self, epoch: int, logs: dict):
-        if epoch in self._logged_steps:
+        if not self._is_chief or epoch in self._logged_steps:
             return
         metrics = {key: value for key, value in logs.items() if _is_number(value)}
         self._uploader.submit_metrics(self._run.info.run_id, metrics, epoch)
@@ -406,11 +417,10 @@ class MlflowCheckpoint(keras.callbacks.Callback):
             return
         result = self._uploader.close(timeout=self.flush_timeout, show_progress=True)
         self._uploader = None
-        if result.unsent:
-            _logger.warning(
-                "Run %s: %s Last error: %s",
-                self._run.info.run_id,
-                describe_unsent(result.unsent),
+        if not result.ok:
+            _logger.error(
+                "%s Last error: %s",
+                describe_unsent(result, self.staging_dir, self._run.info.run_id),
                 result.errors[-1] if result.errors else "none",
             )
 
@@ -473,14 +483,20 @@ class MlflowCheckpoint(keras.callbacks.Callback):
     def _resume_latest(self):
         from mlflow_ckpt.resume import resume
 
-        latest = store.latest_checkpoint(self._run.info.run_id)
+        run_id = self._run.info.run_id if self._run is not None else self.run_id
+        if run_id is None:
+            raise ValueError(
+                f"MlflowCheckpoint(resume=True) on {distributed.worker_description()} needs the "
+                "run to resume: pass run_id=<the chief's run id>, or resume_from=mlflow_ckpt.resume(run_id)."
+            )
+        latest = store.latest_checkpoint(run_id)
         if latest is None:
-            _logger.info("Run %s has no checkpoint yet; training from the start.", self._run.info.run_id)
+            _logger.info("Run %s has no checkpoint yet; training from the start.", run_id)
             return
         state = resume(latest, model=self.model)
         self._apply_resume_state(state)
         io_utils.print_msg(
-            f"MlflowCheckpoint: resuming run {self._run.info.run_id} from epoch {latest.epoch}"
+            f"MlflowCheckpoint: resuming run {run_id} from epoch {latest.epoch}"
         )
 
     def _sibling_callbacks(self):
