@@ -59,9 +59,11 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         every_n_epochs: Save at the end of every N-th epoch (epochs N, 2N, ...).
             Defaults to 1. Only with `save_freq="epoch"`.
         save_freq: `"epoch"`, or an integer N to save when the global step
-            (`optimizer.iterations`) is a multiple of N. N must be a multiple
-            of the model's `steps_per_execution`, since Keras reports steps
-            only at execution boundaries.
+            (`optimizer.iterations`) reaches a multiple of N. N must be a
+            multiple of the model's `steps_per_execution`, since Keras reports
+            steps only at execution boundaries. If an epoch's step count is
+            not a multiple of `steps_per_execution` either, some multiples
+            are never reported and the save happens at the next reported step.
         save_last: Also save at the end of training if the last epoch was not
             a save point. Defaults to False.
         monitor: Metric that defines the best checkpoint, as in
@@ -200,6 +202,7 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         self._last_logs = {}
         self._last_saved_key = None
         self._logged_steps = set()
+        self._previous_step = 0
 
     @staticmethod
     def _validate(
@@ -284,7 +287,9 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         if self.save_freq == "epoch":
             return
         global_step = int(self.model.optimizer.iterations.numpy())
-        if self._save_policy.should_save_step(global_step):
+        crossed = self._save_policy.crossed(self._previous_step, global_step)
+        self._previous_step = global_step
+        if crossed:
             self._stage(epoch=self._completed_epochs, steps_into_epoch=batch + 1, logs=logs or {})
             self._finish_staged()
 
@@ -344,6 +349,19 @@ class MlflowCheckpoint(keras.callbacks.Callback):
                 f"steps_per_execution={steps_per_execution}, so Keras never reports those "
                 "steps. Use a multiple of steps_per_execution."
             )
+        steps_per_epoch = (self.params or {}).get("steps")
+        if steps_per_epoch and steps_per_epoch % steps_per_execution:
+            _logger.warning(
+                "An epoch of %d steps is not a multiple of steps_per_execution=%d, so the last "
+                "execution of each epoch is shorter and some multiples of save_freq=%d are "
+                "never reported. Those checkpoints are saved at the first step reported after "
+                "the multiple.",
+                steps_per_epoch,
+                steps_per_execution,
+                self.save_freq,
+            )
+        optimizer = getattr(self.model, "optimizer", None)
+        self._previous_step = int(optimizer.iterations.numpy()) if optimizer is not None else 0
 
     # Saving.
 

@@ -47,13 +47,14 @@ class EveryNEpochs:
 
 
 class EveryNSteps:
-    """Save when the global step is a multiple of `n`."""
+    """Save when the global step reaches or passes a multiple of `n`."""
 
     def __init__(self, n: int):
         self.n = n
 
-    def should_save_step(self, global_step: int) -> bool:
-        return global_step > 0 and global_step % self.n == 0
+    def crossed(self, previous_step: int, global_step: int) -> bool:
+        """Return True if a multiple of `n` lies in `(previous_step, global_step]`."""
+        return global_step // self.n > previous_step // self.n
 
 
 class BestOnly:
