@@ -123,3 +123,62 @@ def server_tracking(mlflow_server, tmp_path, monkeypatch):
 def tracking(request):
     """Run the test once against a local SQLite store and once against `mlflow server`."""
     return request.getfixturevalue(f"{request.param}_tracking")
+
+
+def _postgres_bin_dir():
+    """Return the newest `/usr/lib/postgresql/<version>/bin` that has initdb, or None."""
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    return os.path.dirname(found[-1]) if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_uri():
+    """A throwaway PostgreSQL server on 127.0.0.1 with an empty `mlflow` database.
+
+    Skips when PostgreSQL is not installed (tests/run.sh installs Debian's
+    package as root), or fails when MLFLOW_CKPT_REQUIRE_ALL=1. PostgreSQL
+    refuses to run as root, so as root it runs as the `postgres` user.
+    """
+    import shutil
+    import tempfile
+
+    bin_dir = _postgres_bin_dir()
+    if bin_dir is None:
+        message = "PostgreSQL is not installed: no /usr/lib/postgresql/*/bin/initdb"
+        if os.environ.get("MLFLOW_CKPT_REQUIRE_ALL") == "1":
+            pytest.fail(message + " (MLFLOW_CKPT_REQUIRE_ALL=1).")
+        pytest.skip(message)
+
+    # Outside pytest's tmp folders: those are private to root, and the server runs as postgres.
+    data_dir = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-postgres-"))
+    as_user = []
+    if os.geteuid() == 0:
+        shutil.chown(data_dir, user="postgres", group="postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    log_path = data_dir / "server.log"
+
+    def pg(tool, *args, **kwargs):
+        return subprocess.run(
+            as_user + [os.path.join(bin_dir, tool), *args], check=True, capture_output=True, **kwargs
+        )
+
+    pg("initdb", "-D", str(data_dir / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    pg(
+        "pg_ctl", "-D", str(data_dir / "data"), "-l", str(log_path), "-w", "-t", "60",
+        "-o", f"-h 127.0.0.1 -p {port} -k {data_dir}", "start",
+    )
+    try:
+        import psycopg2
+
+        connection = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE DATABASE mlflow")
+        connection.close()
+        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        pg("pg_ctl", "-D", str(data_dir / "data"), "-m", "fast", "-w", "stop")
+        shutil.rmtree(data_dir, ignore_errors=True)
