@@ -26,7 +26,11 @@ from mlflow_ckpt.checkpoint import (
     TRAINING_STATE_DIR,
     Checkpoint,
 )
-from mlflow_ckpt.errors import CheckpointNotFoundError, InvalidCheckpointError
+from mlflow_ckpt.errors import (
+    CheckpointNotFoundError,
+    IncompatibleCheckpointError,
+    InvalidCheckpointError,
+)
 from mlflow_ckpt.policies import rank_by_metric, resolve_mode
 
 _logger = logging.getLogger(__name__)
@@ -63,7 +67,7 @@ def get_run(run_id: str, client: MlflowClient | None = None):
             raise CheckpointNotFoundError(
                 f"Run {run_id!r} not found at tracking URI {mlflow.get_tracking_uri()!r}. "
                 "Check the run id in the MLflow UI or with `mlflow runs list`, and that "
-                "MLFLOW_TRACKING_URI points at the server that holds it."
+                "MLFLOW_TRACKING_URI points at the server that stores it."
             ) from error
         raise
 
@@ -221,7 +225,7 @@ def resolve(ref, epoch: int | None = None, tracking_uri: str | None = None) -> C
     Args:
         ref: A run id (with `epoch`, or the latest committed one), a
             `Checkpoint`, a `models:/<model_id>` URI, or a local folder that
-            holds a checkpoint.
+            contains a checkpoint.
         epoch: With a run id, the epoch to pick.
 
     Raises:
@@ -296,7 +300,7 @@ def download(checkpoint: Checkpoint, dst_path: str | None = None, verify: bool =
         verify: Check the SHA-256 of every file (recommended).
 
     Returns:
-        The local folder that holds MLmodel, the model data and the manifest.
+        The local folder that contains MLmodel, the model data and the manifest.
 
     Raises:
         InvalidCheckpointError: naming every file that is missing or corrupt.
@@ -340,18 +344,18 @@ def load_checkpoint(
 ):
     """Load a checkpoint as a Keras model.
 
-    The model's weights come from the checkpoint; when the model is compiled,
+    The model's weights come from the checkpoint. When the model is compiled,
     its optimizer state (slots and step counter) is restored too, so it can
-    go on training. For weights-only checkpoints pass `model`, a model built
-    by the same code; its weights are overwritten.
+    go on training. For weights-only checkpoints, pass `model`, a model built
+    by the same code, and its weights are overwritten.
 
     Args:
         ref: A run id, a `Checkpoint`, a `models:/<model_id>` URI or a local
             checkpoint folder.
         epoch: With a run id, the epoch to load; default the latest.
-        model: A model to load the weights into. Required for weights-only
-            checkpoints; for the other formats it replaces the saved
-            architecture with yours (which must match).
+        model: A model built by the training code, to load the checkpoint
+            into and return. Required for weights-only checkpoints. If it is
+            compiled, its optimizer state is restored as well.
         custom_objects: Classes or functions the saved model refers to, by name.
         compile: Compile the model with its saved loss, metrics and optimizer.
         dst_path: Where to download the files; a temporary folder by default.
@@ -377,13 +381,38 @@ def load_checkpoint(
 
     checkpoint = resolve(ref, epoch=epoch, tracking_uri=tracking_uri)
     local = download(checkpoint, dst_path=dst_path)
+    state_dir = os.path.join(local, TRAINING_STATE_DIR)
+    has_optimizer = model is not None and getattr(model, "optimizer", None) is not None
+
+    if model is not None and checkpoint.format != "weights":
+        if has_optimizer and has_training_state(local):
+            training_state.restore(model, *training_state.read(state_dir))
+        else:
+            saved = load_model_from_dir(local, custom_objects=custom_objects, compile=False)
+            _copy_weights(saved, model, checkpoint)
+        return model
+
     loaded = load_model_from_dir(
         local, custom_objects=custom_objects, compile=compile, model=model
     )
-    if has_training_state(local) and (model is not None or compile):
-        state, arrays = training_state.read(os.path.join(local, TRAINING_STATE_DIR))
-        training_state.restore(loaded, state, arrays)
+    if has_training_state(local) and (compile or has_optimizer):
+        training_state.restore(loaded, *training_state.read(state_dir))
     return loaded
+
+
+def _copy_weights(source, target, checkpoint: Checkpoint) -> None:
+    """Copy weights between two models of the same architecture, checking every shape first."""
+    source_weights = source.get_weights()
+    target_shapes = [tuple(w.shape) for w in target.weights]
+    source_shapes = [tuple(w.shape) for w in source_weights]
+    if source_shapes != target_shapes:
+        raise IncompatibleCheckpointError(
+            f"The model passed to load_checkpoint does not match checkpoint "
+            f"{checkpoint.model_uri} (epoch {checkpoint.epoch}): its weight shapes are "
+            f"{target_shapes}, the checkpoint's are {source_shapes}. Build the model with "
+            "the code that trained it, or omit model= to get the saved architecture."
+        )
+    target.set_weights(source_weights)
 
 
 def delete_checkpoint(checkpoint: Checkpoint, client: MlflowClient | None = None) -> None:

@@ -157,3 +157,34 @@ def test_run_index_lists_checkpoints(tracking, tmp_path):
     text = mlflow.artifacts.load_text(f"runs:/{run_id}/checkpoints.md")
     for checkpoint in mlflow_ckpt.list_checkpoints(run_id):
         assert checkpoint.model_uri in text
+
+
+def test_load_into_given_model(tracking):
+    run_id, model = train_run(2, every_n_epochs=2)
+    target = tiny_model()
+
+    returned = mlflow_ckpt.load_checkpoint(run_id, model=target)
+    assert returned is target
+    np.testing.assert_array_equal(all_weights(target), all_weights(model))
+    assert int(target.optimizer.iterations.numpy()) == 8
+
+
+def test_weights_only_needs_model(tracking):
+    run_id, model = train_run(2, every_n_epochs=2, save_weights_only=True)
+    target = tiny_model()
+
+    returned = mlflow_ckpt.load_checkpoint(run_id, model=target)
+    assert returned is target
+    np.testing.assert_array_equal(all_weights(target), all_weights(model))
+
+
+def test_load_into_mismatched_model(tracking):
+    run_id, _ = train_run(2, every_n_epochs=2)
+    import keras
+
+    other = keras.Sequential([keras.Input(shape=(8,)), keras.layers.Dense(5)])
+    before = all_weights(other)
+
+    with pytest.raises(mlflow_ckpt.IncompatibleCheckpointError):
+        mlflow_ckpt.load_checkpoint(run_id, model=other)
+    np.testing.assert_array_equal(all_weights(other), before)
