@@ -111,6 +111,9 @@ class KerasPredictor:
                 )
             model_input = {self._names[0]: model_input}
 
+        # NOTE: through `mlflow.pyfunc` or `mlflow models serve`, MLflow's schema
+        # check drops input names the signature lacks (with a warning) before
+        # this runs, so only direct callers get the "Unexpected" error.
         missing = [name for name in self._names if name not in model_input]
         extra = sorted(str(name) for name in model_input if name not in self._names)
         if missing or extra:

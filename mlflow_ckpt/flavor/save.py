@@ -244,6 +244,8 @@ def get_default_pip_requirements() -> list:
 
     # mlflow-ckpt is pinned to the running version. An editable install has the
     # same version number, and `--env-manager local` installs nothing.
+    # NOTE: other env managers pip-install these requirements, so they need
+    # mlflow-ckpt on a package index that pip can reach.
     return [
         _get_pinned_requirement("tensorflow"),
         _get_pinned_requirement("keras"),
