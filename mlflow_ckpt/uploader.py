@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 
-from mlflow.entities import Metric
+from mlflow.entities import LoggedModelOutput, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.tracking import MlflowClient
@@ -473,6 +473,7 @@ class Uploader:
                 snapshot.size_bytes, time.monotonic() - started,
             )
 
+        self._link_to_run(snapshot, logged_model.model_id)
         with self._condition:
             self._committed.append((snapshot.epoch, logged_model.model_id))
         self._after_commit(snapshot.run_id)
@@ -483,6 +484,16 @@ class Uploader:
             except Exception as error:  # noqa: BLE001 - a reporting hook must not undo a commit
                 _logger.warning("on_commit hook failed for epoch %d: %s", snapshot.epoch, error)
         return logged_model.model_id
+
+    def _link_to_run(self, snapshot: Snapshot, model_id: str) -> None:
+        # A run output with step = epoch is what the MLflow UI's run page lists
+        # under "Logged models". The server rejects linking the same model
+        # twice, so a retry checks the run's outputs first.
+        run = self._client.get_run(snapshot.run_id)
+        outputs = run.outputs.model_outputs if run.outputs else []
+        if any(output.model_id == model_id for output in outputs):
+            return
+        self._client.log_outputs(snapshot.run_id, [LoggedModelOutput(model_id, step=snapshot.epoch)])
 
     def _link_metrics(self, model_id: str, snapshot: Snapshot) -> None:
         # The timestamp is the snapshot's, fixed at staging, so a retry logs
