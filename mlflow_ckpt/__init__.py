@@ -19,6 +19,7 @@ _PUBLIC_NAMES = {
     "delete_checkpoint": "mlflow_ckpt.store",
     "resume": "mlflow_ckpt.resume",
     "ResumeState": "mlflow_ckpt.resume",
+    "TrainingPreempted": "mlflow_ckpt.preemption",
     "upload_staged": "mlflow_ckpt.uploader",
     "save_model": "mlflow_ckpt.flavor",
     "log_model": "mlflow_ckpt.flavor",

@@ -12,6 +12,8 @@ import mlflow
 from keras.src.utils import io_utils
 
 from mlflow_ckpt import distributed, policies, snapshot, store, training_state
+from mlflow_ckpt.checkpoint import TRAINING_STATE_DIR
+from mlflow_ckpt.preemption import SigtermWatcher, TrainingPreempted
 from mlflow_ckpt.uploader import Uploader, describe_unsent
 
 _logger = logging.getLogger(__name__)
@@ -90,7 +92,10 @@ class MlflowCheckpoint(keras.callbacks.Callback):
             restore the latest one when training begins and continue from its
             epoch, like `keras.callbacks.BackupAndRestore`.
         resume_from: A `ResumeState` from `mlflow_ckpt.resume`; the callback
-            continues its run and restores the callback states it carries.
+            continues its run and restores the callback states and random
+            states it carries. For a mid-epoch checkpoint it skips the batches
+            of the interrupted epoch that the checkpoint already trained on,
+            so training continues exactly where it stopped.
         callbacks: Callbacks whose state is saved and restored (EarlyStopping,
             ReduceLROnPlateau). Defaults to the other callbacks of the same
             `fit` call.
@@ -106,6 +111,16 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         flush_timeout: Seconds to wait for uploads at the end of training
             (None waits until done). What is not uploaded by then stays in the
             staging folder, and a warning says how to upload it.
+        save_on_sigterm: While `fit` runs, handle SIGTERM (what schedulers and
+            preemptible VMs send before killing a process): save a checkpoint
+            at the end of the current step, wait up to `sigterm_flush_timeout`
+            seconds for uploads, end the run as KILLED if the callback started
+            it, and raise `mlflow_ckpt.TrainingPreempted`, a `SystemExit`
+            with status 143. Needs `fit` on the main thread. Defaults to True.
+        sigterm_flush_timeout: Seconds to wait for uploads after a SIGTERM.
+            Keep it below the scheduler's grace period (30 s by default on
+            Kubernetes). What is not uploaded stays in the staging folder and
+            is committed when the run is resumed from that folder.
         verbose: 1 prints a line per committed checkpoint with its epoch and
             URI; 2 also prints a line when a checkpoint is staged.
 
@@ -140,9 +155,22 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         staging_dir=None,
         max_pending=4,
         flush_timeout=None,
+        save_on_sigterm=True,
+        sigterm_flush_timeout=20.0,
         verbose=0,
     ):
         super().__init__()
+        if (
+            isinstance(sigterm_flush_timeout, bool)
+            or not isinstance(sigterm_flush_timeout, (int, float))
+            or sigterm_flush_timeout < 0
+        ):
+            raise ValueError(
+                "sigterm_flush_timeout must be a number of seconds >= 0. "
+                f"Received: sigterm_flush_timeout={sigterm_flush_timeout!r}"
+            )
+        self.save_on_sigterm = bool(save_on_sigterm)
+        self.sigterm_flush_timeout = sigterm_flush_timeout
         self._validate(
             every_n_epochs, save_freq, mode, format, save_weights_only, keep_last, keep_best,
             keep_every, max_pending, flush_timeout, verbose, monitor, resume, resume_from,
@@ -203,6 +231,11 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         self._last_saved_key = None
         self._logged_steps = set()
         self._previous_step = 0
+        self._sigterm = None
+        self._fast_forward = None
+        self._epoch_random_states = None
+        self._staged_random_states = None
+        self._saved_global_step = None
 
     @staticmethod
     def _validate(
@@ -269,21 +302,44 @@ class MlflowCheckpoint(keras.callbacks.Callback):
                 "MlflowCheckpoint on %s: only the chief worker logs to MLflow.",
                 distributed.worker_description(),
             )
-        if self.resume_from is not None:
-            self._apply_resume_state(self.resume_from)
-        elif self.resume:
-            self._resume_latest()
+        try:
+            if self.resume_from is not None:
+                self._apply_resume_state(self.resume_from)
+            elif self.resume:
+                self._resume_latest()
+        except BaseException:
+            # Keras calls no other hook after a failed on_train_begin.
+            self._flush()
+            self._end_fit(status="FAILED")
+            raise
+        if self.save_on_sigterm:
+            self._sigterm = SigtermWatcher(self.model)
+            self._sigterm.install()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._completed_epochs = epoch
         self._finish_staged()
         if self._pending_callback_restore is not None:
-            restored = self._pending_callback_restore.restore_callbacks(self.tracked_callbacks)
+            state, self._pending_callback_restore = self._pending_callback_restore, None
+            restored = state.restore_callbacks(self._callbacks_to_capture())
+            restored += state.restore_random_states()
             if restored:
-                _logger.info("Restored callback state: %s", ", ".join(restored))
-            self._pending_callback_restore = None
+                _logger.info("Restored callback and random states: %s", ", ".join(restored))
+        # A mid-epoch checkpoint stores the random states from here, before the
+        # epoch's input pipeline draws its shuffle from them.
+        self._epoch_random_states = training_state.capture_random_states()
+        self._stop_if_preempted(epoch, 0)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._fast_forward is not None:
+            self._fast_forward.before_batch(self._completed_epochs, batch)
 
     def on_train_batch_end(self, batch, logs=None):
+        if self._fast_forward is not None and self._fast_forward.after_batch():
+            # A skipped batch changed nothing, so a SIGTERM now saves nothing new.
+            self._stop_if_preempted(self._completed_epochs, batch + 1)
+            return
+        self._stop_if_preempted(self._completed_epochs, batch + 1)
         if self.save_freq == "epoch":
             return
         global_step = int(self.model.optimizer.iterations.numpy())
@@ -305,16 +361,20 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         self._best.record(logs)
 
     def on_train_end(self, logs=None):
+        preempted = self._sigterm is not None and self._sigterm.received
         try:
             self._finish_staged()
             if self.save_last and self._last_saved_key != (self._completed_epochs, 0):
                 if self._completed_epochs > 0:
                     self._stage(epoch=self._completed_epochs, steps_into_epoch=0, logs=self._last_logs, metrics_logged=self.log_metrics)
                     self._finish_staged()
-            self._flush()
+            if preempted:
+                self._save_for_preemption(self._completed_epochs, 0)
+            result = self._flush(preempted=preempted)
         finally:
-            self.model._initial_epoch = None
-            self._detach_run()
+            self._end_fit(status="KILLED" if preempted else "FINISHED")
+        if preempted:
+            self._raise_preempted(self._completed_epochs, 0, result)
 
     # Decisions.
 
@@ -370,9 +430,10 @@ class MlflowCheckpoint(keras.callbacks.Callback):
             return
         self._finish_staged()
         metrics = {key: value for key, value in logs.items() if _is_number(value)}
-        if metrics_logged or epoch in self._logged_steps:
+        if metrics_logged or epoch in self._logged_steps or steps_into_epoch:
             # The metrics of this epoch are already in the run's history; linking them
-            # again would log a second value at the same step.
+            # again would log a second value at the same step. Mid-epoch logs are
+            # running averages of a partial epoch, not the metrics of epoch `epoch`.
             metrics = {}
         self._staged = snapshot.write_snapshot(
             self.model,
@@ -388,6 +449,8 @@ class MlflowCheckpoint(keras.callbacks.Callback):
             flavor_options=self.flavor_options,
         )
         self._last_saved_key = (epoch, steps_into_epoch)
+        self._saved_global_step = self._staged.global_step
+        self._staged_random_states = self._epoch_random_states if steps_into_epoch else None
         if self.verbose > 1:
             io_utils.print_msg(
                 f"\nEpoch {epoch}: MlflowCheckpoint staged a checkpoint of run "
@@ -403,6 +466,10 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         if self._staged is None:
             return
         staged, self._staged = self._staged, None
+        random_states = self._staged_random_states or training_state.capture_random_states()
+        training_state.write_random_states(
+            os.path.join(staged.model_dir, TRAINING_STATE_DIR), random_states
+        )
         snapshot.complete_snapshot(staged, self._callbacks_to_capture())
         self._uploader.submit_snapshot(staged)
 
@@ -430,10 +497,13 @@ class MlflowCheckpoint(keras.callbacks.Callback):
                 f"\nEpoch {epoch}: MlflowCheckpoint committed {model_uri}"
             )
 
-    def _flush(self):
+    def _flush(self, preempted=False):
         if self._uploader is None:
-            return
-        result = self._uploader.close(timeout=self.flush_timeout, show_progress=True)
+            return None
+        timeout = self.flush_timeout
+        if preempted:
+            timeout = min(timeout, self.sigterm_flush_timeout) if timeout is not None else self.sigterm_flush_timeout
+        result = self._uploader.close(timeout=timeout, show_progress=True)
         self._uploader = None
         if not result.ok:
             _logger.error(
@@ -441,6 +511,69 @@ class MlflowCheckpoint(keras.callbacks.Callback):
                 describe_unsent(result, self.staging_dir, self._run.info.run_id),
                 result.errors[-1] if result.errors else "none",
             )
+        return result
+
+    # Preemption.
+
+    def _stop_if_preempted(self, epoch: int, steps_into_epoch: int):
+        """After a SIGTERM: checkpoint this position, flush uploads and raise `TrainingPreempted`."""
+        if self._sigterm is None or not self._sigterm.received:
+            return
+        # From here a second SIGTERM ends the process at once.
+        self._sigterm.uninstall()
+        _logger.warning(
+            "Run %s: SIGTERM received %d steps into epoch %d; saving a checkpoint and stopping.",
+            self._run.info.run_id if self._run is not None else None,
+            steps_into_epoch,
+            epoch + 1,
+        )
+        try:
+            self._finish_staged()
+            self._save_for_preemption(epoch, steps_into_epoch)
+            result = self._flush(preempted=True)
+        finally:
+            self._end_fit(status="KILLED")
+        self._raise_preempted(epoch, steps_into_epoch, result)
+
+    def _save_for_preemption(self, epoch: int, steps_into_epoch: int):
+        if not self._is_chief:
+            # NOTE: only the chief saves; other workers stop without waiting for it.
+            return
+        optimizer = getattr(self.model, "optimizer", None)
+        global_step = int(optimizer.iterations.numpy()) if optimizer is not None else 0
+        if global_step == 0 or global_step == self._saved_global_step:
+            # No step since the last checkpoint (or the one resumed from): it is already safe.
+            return
+        metrics_logged = self.log_metrics and not steps_into_epoch
+        self._stage(epoch=epoch, steps_into_epoch=steps_into_epoch, logs=self._last_logs, metrics_logged=metrics_logged)
+        self._finish_staged()
+
+    def _raise_preempted(self, epoch: int, steps_into_epoch: int, result):
+        run_id = self._run.info.run_id if self._run is not None else None
+        unsent = 0 if result is None else len(result.unsent) + len(result.failed)
+        where = f"epoch {epoch}" + (f" + {steps_into_epoch} steps" if steps_into_epoch else "")
+        message = f"Training of run {run_id} stopped on SIGTERM; its state at {where} is checkpointed"
+        if unsent:
+            message += (
+                f", but {unsent} checkpoint(s) are still in {self.staging_dir}. "
+                "Resuming the run with that staging folder commits them first."
+            )
+        else:
+            message += "."
+        raise TrainingPreempted(
+            message, run_id=run_id, epoch=epoch, steps_into_epoch=steps_into_epoch, unsent=unsent
+        )
+
+    def _end_fit(self, status: str):
+        """Undo what `on_train_begin` set up: the SIGTERM handler, the epoch override, the run."""
+        if self._sigterm is not None:
+            self._sigterm.uninstall()
+            self._sigterm = None
+        if self._fast_forward is not None:
+            self._fast_forward.close()
+            self._fast_forward = None
+        self.model._initial_epoch = None
+        self._detach_run(status)
 
     # MLflow run handling.
 
@@ -484,22 +617,47 @@ class MlflowCheckpoint(keras.callbacks.Callback):
             return set()
         return {m.step for m in client.get_metric_history(self._run.info.run_id, keys[0])}
 
-    def _detach_run(self):
+    def _detach_run(self, status="FINISHED"):
         if self._started_run and mlflow.active_run() is not None:
-            mlflow.end_run()
+            mlflow.end_run(status)
         self._started_run = False
 
     # Resuming.
 
     def _apply_resume_state(self, state):
+        from mlflow_ckpt.resume import EpochFastForward
+
+        self._check_resume_position(state)
         if state.model is not self.model:
             training_state.restore(self.model, *_state_arrays(state))
         self.model._initial_epoch = state.initial_epoch
         self._completed_epochs = state.initial_epoch
         self._pending_callback_restore = state
+        self._last_saved_key = (state.initial_epoch, state.steps_into_epoch)
+        self._saved_global_step = state.global_step
+        if state.steps_into_epoch:
+            self._fast_forward = EpochFastForward(
+                self.model,
+                epoch=state.initial_epoch,
+                steps=state.steps_into_epoch,
+                state=state.training_state,
+                metric_arrays=state.metric_arrays,
+            )
+
+    def _check_resume_position(self, state):
+        steps_per_epoch = (self.params or {}).get("steps")
+        steps_per_execution = int(getattr(self.model, "steps_per_execution", 1) or 1)
+        # The last execution of an epoch may report up to steps_per_execution - 1
+        # steps past the end, so a checkpoint taken there can count them too.
+        if steps_per_epoch and state.steps_into_epoch >= steps_per_epoch + steps_per_execution:
+            raise ValueError(
+                f"The checkpoint was saved {state.steps_into_epoch} steps into epoch "
+                f"{state.initial_epoch + 1}, but this fit has {steps_per_epoch} steps per epoch. "
+                "Pass the same training data and batch_size as the run that saved it."
+            )
 
     def _resume_latest(self):
-        from mlflow_ckpt.resume import resume
+        from mlflow_ckpt.resume import commit_staged, resume
 
         run_id = self._run.info.run_id if self._run is not None else self.run_id
         if run_id is None:
@@ -507,15 +665,17 @@ class MlflowCheckpoint(keras.callbacks.Callback):
                 f"MlflowCheckpoint(resume=True) on {distributed.worker_description()} needs the "
                 "run to resume: pass run_id=<the chief's run id>, or resume_from=mlflow_ckpt.resume(run_id)."
             )
+        commit_staged(run_id, self.staging_dir)
         latest = store.latest_checkpoint(run_id)
         if latest is None:
             _logger.info("Run %s has no checkpoint yet; training from the start.", run_id)
             return
         state = resume(latest, model=self.model)
         self._apply_resume_state(state)
-        io_utils.print_msg(
-            f"MlflowCheckpoint: resuming run {run_id} from epoch {latest.epoch}"
-        )
+        position = f"epoch {latest.epoch}"
+        if state.steps_into_epoch:
+            position += f", {state.steps_into_epoch} steps into epoch {latest.epoch + 1}"
+        io_utils.print_msg(f"MlflowCheckpoint: resuming run {run_id} from {position}")
 
     def _sibling_callbacks(self):
         """Find the other callbacks of this `fit` call, to save their state with each checkpoint.

@@ -6,14 +6,18 @@ learning-rate schedules), every `SeedGenerator` state (Dropout draws its masks
 from one), the epoch and step counters and the state of stateful callbacks.
 This module writes all of that to a folder beside the model:
 
-- `variables.npz`: every model variable (weights and seed generator states)
-  and every optimizer variable, stored by position as `model/00012` and
-  `optimizer/00003`;
+- `variables.npz`: every model variable (weights and seed generator states),
+  every optimizer variable and every metric variable, stored by position as
+  `model/00012`, `optimizer/00003` and `metrics/00001`. The metric variables
+  hold the running totals of an epoch that a mid-epoch checkpoint interrupts;
 - `state.json`: counters, variable paths and shapes, the architecture
   fingerprint and the optimizer config;
 - `callbacks.json` and `callbacks.npz`: the state of stateful callbacks,
   written later than the rest because other callbacks update their state
-  after the checkpoint callback has seen the epoch end.
+  after the checkpoint callback has seen the epoch end;
+- `random_states.json`: the global random states of Python, NumPy and
+  Keras at the start of the epoch that a resume begins or continues, which
+  input pipelines such as `keras.utils.PyDataset` draw their shuffles from.
 
 Restoring checks everything before assigning anything, so a model that does
 not match the checkpoint raises `IncompatibleCheckpointError` and is left as
@@ -36,6 +40,7 @@ STATE_FILE = "state.json"
 VARIABLES_FILE = "variables.npz"
 CALLBACKS_FILE = "callbacks.json"
 CALLBACK_ARRAYS_FILE = "callbacks.npz"
+RANDOM_STATES_FILE = "random_states.json"
 STATE_VERSION = 1
 
 # Attributes that make up the state of Keras' stateful callbacks, by class name.
@@ -65,6 +70,12 @@ def _optimizer_variables(model):
     if optimizer is None:
         return []
     return list(optimizer.variables)
+
+
+def _metric_variables(model):
+    # Built by `compile` and the first `fit` (loss tracker and compiled metrics);
+    # a model that has never been compiled has none.
+    return list(getattr(model, "metrics_variables", None) or [])
 
 
 def build_optimizer(model):
@@ -186,11 +197,14 @@ def capture(model, *, epoch: int, steps_into_epoch: int = 0, extra=None):
     build_optimizer(model)
     model_variables = _model_variables(model)
     optimizer_variables = _optimizer_variables(model)
+    metric_variables = _metric_variables(model)
     arrays = {}
     for i, variable in enumerate(model_variables):
         arrays[f"model/{i:05d}"] = np.array(variable.numpy())
     for i, variable in enumerate(optimizer_variables):
         arrays[f"optimizer/{i:05d}"] = np.array(variable.numpy())
+    for i, variable in enumerate(metric_variables):
+        arrays[f"metrics/{i:05d}"] = np.array(variable.numpy())
 
     optimizer = getattr(model, "optimizer", None)
     global_step = int(optimizer.iterations.numpy()) if optimizer is not None else 0
@@ -201,6 +215,7 @@ def capture(model, *, epoch: int, steps_into_epoch: int = 0, extra=None):
         "steps_into_epoch": int(steps_into_epoch),
         "model_variables": _variable_records(model_variables),
         "optimizer_variables": _variable_records(optimizer_variables),
+        "metric_variables": _variable_records(metric_variables),
         "optimizer_config": _optimizer_config(optimizer),
         "fingerprint": architecture_fingerprint(model),
         "extra": extra or {},
@@ -359,3 +374,119 @@ def restore(model, state: dict, arrays: dict) -> None:
         state.get("epoch"),
         state.get("global_step"),
     )
+
+
+def restore_metrics(model, state: dict, arrays: dict) -> bool:
+    """Assign the saved metric totals of an interrupted epoch to `model`'s metrics.
+
+    Call it after `fit` has reset the metrics for the epoch, so the epoch's
+    logs cover the steps taken before the checkpoint too.
+
+    Returns:
+        True if the metrics were restored. False if the checkpoint has no
+        metric state or the model's metrics differ in number or shape, in
+        which case nothing is assigned.
+    """
+    records = state.get("metric_variables") or []
+    variables = _metric_variables(model)
+    if not records or len(records) != len(variables):
+        return False
+    for record, variable in zip(records, variables):
+        if list(record["shape"]) != list(variable.shape):
+            return False
+    for i, variable in enumerate(variables):
+        variable.assign(arrays[f"metrics/{i:05d}"])
+    return True
+
+
+def _keras_global_seed_generator():
+    """Return Keras' global `SeedGenerator`, or None if nothing has created it yet.
+
+    Random ops called with `seed=None` draw from it. Keras exposes no public
+    getter that does not also create it.
+    """
+    try:
+        from keras.src.backend.common import global_state
+        from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
+    except ImportError:
+        return None
+    return global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
+
+
+def capture_random_states() -> dict:
+    """Return the global random states of Python, NumPy and Keras as JSON values.
+
+    `keras.utils.PyDataset` shuffles its batches with Python's `random`, and
+    NumPy-based augmentation draws from NumPy's global generator, so an exact
+    resume of such input pipelines needs these states.
+    """
+    import random
+
+    version, internal_state, gauss_next = random.getstate()
+    algorithm, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    states = {
+        "python": {"version": version, "state": list(internal_state), "gauss_next": gauss_next},
+        "numpy": {
+            "algorithm": algorithm,
+            "keys": keys.tolist(),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+    }
+    generator = _keras_global_seed_generator()
+    if generator is not None:
+        states["keras"] = np.asarray(generator.state.numpy()).tolist()
+    return states
+
+
+def restore_random_states(states: dict) -> list[str]:
+    """Set the global random states saved by `capture_random_states`.
+
+    Returns:
+        The names of the generators restored, e.g. `["python", "numpy"]`.
+    """
+    import random
+
+    restored = []
+    if "keras" in states:
+        # Creating the global generator draws a seed from Python's `random`,
+        # so it is created before that state is restored.
+        from keras.src.random.seed_generator import global_seed_generator
+
+        generator = global_seed_generator()
+        generator.state.assign(np.asarray(states["keras"], dtype=generator.state.dtype))
+        restored.append("keras")
+    if "python" in states:
+        python = states["python"]
+        random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
+        restored.append("python")
+    if "numpy" in states:
+        numpy_state = states["numpy"]
+        np.random.set_state(
+            (
+                numpy_state["algorithm"],
+                np.asarray(numpy_state["keys"], dtype=np.uint32),
+                numpy_state["position"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            )
+        )
+        restored.append("numpy")
+    return restored
+
+
+def write_random_states(directory, states: dict) -> None:
+    """Write the states from `capture_random_states` into `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, RANDOM_STATES_FILE), "w") as f:
+        json.dump(states, f)
+
+
+def read_random_states(directory) -> dict:
+    """Read what `write_random_states` wrote; empty if the checkpoint has none."""
+    path = os.path.join(directory, RANDOM_STATES_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
