@@ -1,0 +1,127 @@
+"""The background uploader: back-pressure, progress, failures, fast-failing calls, idempotent commits."""
+
+import threading
+import time
+
+import mlflow
+import pytest
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
+from mlflow.exceptions import MlflowException
+
+import mlflow_ckpt
+from conftest import free_port
+from fault_tools import tiny_model
+from mlflow_ckpt import snapshot as snapshots
+from mlflow_ckpt._http_limits import short_http_limits
+from mlflow_ckpt.uploader import Uploader
+
+
+@pytest.fixture
+def staging(tmp_path, monkeypatch):
+    folder = tmp_path / "staging"
+    monkeypatch.setenv("MLFLOW_CKPT_STAGING_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def dead_url():
+    """A URL on 127.0.0.1 where nothing listens."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def _stage(model, staging, run_id="0" * 32, experiment_id="0", epoch=1):
+    staged = snapshots.write_snapshot(
+        model, staging_dir=str(staging), run_id=run_id, experiment_id=experiment_id,
+        epoch=epoch, steps_into_epoch=0, metrics={"loss": 1.0 / epoch}, format="keras",
+    )
+    return snapshots.complete_snapshot(staged)
+
+
+def test_short_limits_fail_fast(dead_url):
+    client = mlflow.MlflowClient(tracking_uri=dead_url)
+    started = time.monotonic()
+    with short_http_limits(max_retries=0, timeout=5):
+        with pytest.raises(MlflowException):
+            client.get_experiment("0")
+    assert time.monotonic() - started < 5
+
+
+def test_short_limits_stay_on_their_thread():
+    seen = []
+    with short_http_limits(max_retries=0):
+        other = threading.Thread(target=lambda: seen.append(MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()))
+        other.start()
+        other.join()
+        here = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()
+    assert here == 0
+    assert seen == [MLFLOW_HTTP_REQUEST_MAX_RETRIES.default]
+
+
+def test_full_queue_blocks_submit(dead_url, staging):
+    model = tiny_model()
+    uploader = Uploader(tracking_uri=dead_url, max_pending=1, staging_dir=str(staging))
+    uploader.submit_snapshot(_stage(model, staging, epoch=1))
+    second = threading.Thread(target=uploader.submit_snapshot, args=(_stage(model, staging, epoch=2),))
+    second.start()
+    second.join(timeout=1.5)
+    blocked = second.is_alive()
+    uploader.close(timeout=0, show_progress=False)
+    second.join(timeout=10)
+
+    assert blocked
+
+
+def test_flush_prints_progress_and_keeps_unsent(dead_url, staging, capfd):
+    uploader = Uploader(tracking_uri=dead_url, staging_dir=str(staging))
+    staged = _stage(tiny_model(), staging)
+    uploader.submit_snapshot(staged)
+    result = uploader.close(timeout=2)
+    stderr = capfd.readouterr().err
+
+    assert "mlflow-ckpt: waiting for 1 checkpoint upload(s)" in stderr
+    assert [s.folder for s in result.unsent] == [staged.folder]
+    assert snapshots.find_staged(str(staging)) != []
+
+
+def test_flush_ends_after_outage_timeout(dead_url, staging):
+    uploader = Uploader(tracking_uri=dead_url, staging_dir=str(staging), outage_timeout=2)
+    uploader.submit_metrics("0" * 32, {"loss": 1.0}, step=1)
+    started = time.monotonic()
+    result = uploader.close(timeout=None, show_progress=False)
+
+    assert time.monotonic() - started < 15
+    assert result.unsent_metrics == 1
+
+
+def test_permanent_error_abandons_task(local_tracking, staging):
+    with mlflow.start_run() as run:
+        pass
+    uploader = Uploader(staging_dir=str(staging), retry_initial=0.05, max_attempts=2)
+    uploader.submit_metrics("f" * 32, {"loss": 1.0}, step=1)
+    uploader.submit_metrics(run.info.run_id, {"loss": 2.0}, step=1)
+    result = uploader.close(timeout=30, show_progress=False)
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+
+    assert result.unsent_metrics == 0
+    assert any("f" * 32 in message for message in uploader.errors)
+    assert [(m.step, m.value) for m in history] == [(1, 2.0)]
+
+
+def test_commit_completes_pending_model(local_tracking, staging):
+    with mlflow.start_run() as run:
+        pass
+    run_id = run.info.run_id
+    staged = _stage(tiny_model(), staging, run_id=run_id, experiment_id=run.info.experiment_id)
+    uploader = Uploader(staging_dir=str(staging))
+    # A first attempt created the LoggedModel, then the process died.
+    snapshots.write_snapshot_manifest(staged)
+    uploader._find_or_create(staged)
+    latest_while_pending = mlflow_ckpt.latest_checkpoint(run_id)
+
+    uploader.commit(staged)
+    uploader.close(timeout=0, show_progress=False)
+    everything = mlflow_ckpt.list_checkpoints(run_id, include_pending=True)
+
+    assert latest_while_pending is None
+    assert [(c.epoch, c.status) for c in everything] == [(1, "READY")]
+    assert mlflow_ckpt.load_checkpoint(everything[0]).built
