@@ -5,6 +5,8 @@ Public names are loaded on first use, so `import mlflow_ckpt` (and the
 """
 
 import importlib
+import sys
+import types
 
 from mlflow_ckpt._version import __version__
 
@@ -19,6 +21,7 @@ _PUBLIC_NAMES = {
     "delete_checkpoint": "mlflow_ckpt.store",
     "resume": "mlflow_ckpt.resume",
     "ResumeState": "mlflow_ckpt.resume",
+    "promote": "mlflow_ckpt.promote",
     "TrainingPreempted": "mlflow_ckpt.preemption",
     "upload_staged": "mlflow_ckpt.uploader",
     "save_model": "mlflow_ckpt.flavor",
@@ -44,3 +47,23 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(__all__)
+
+
+class _Package(types.ModuleType):
+    """The package module, keeping functions that share a name with their submodule.
+
+    Importing the submodule `mlflow_ckpt.resume` sets the package attribute
+    `resume` to that module, which would hide the function
+    `mlflow_ckpt.resume` from then on. Such assignments are dropped, so the
+    name keeps resolving to the function through `__getattr__`. Reach the
+    submodules with `from mlflow_ckpt.resume import ...`, since
+    `import mlflow_ckpt.resume as m` binds the function too.
+    """
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _PUBLIC_NAMES.get(name) == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
