@@ -178,7 +178,8 @@ def postgres_uri():
         with connection.cursor() as cursor:
             cursor.execute("CREATE DATABASE mlflow")
         connection.close()
-        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+        # SQLAlchemy 2.1 picks psycopg 3 for a bare postgresql:// URI; the test extra installs psycopg2.
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
     finally:
         pg("pg_ctl", "-D", str(data_dir / "data"), "-m", "fast", "-w", "stop")
         shutil.rmtree(data_dir, ignore_errors=True)
