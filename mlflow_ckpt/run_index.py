@@ -2,59 +2,95 @@
 
 The MLflow UI previews Markdown artifacts, and a run's Artifacts tab does not
 list the files of its LoggedModels, so this page is where a person browsing
-the run sees every checkpoint with its epoch, metrics and URI.
+the run sees every checkpoint with its epoch, metrics and URI. The table
+helpers here are shared with `mlflow-ckpt list`, so both show the same values.
 """
 
 INDEX_FILE = "checkpoints.md"
 
+_SIZE_UNITS = ("B", "KB", "MB", "GB", "TB")
 
-def _format_size(size_bytes) -> str:
+
+def format_size(size_bytes) -> str:
+    """Format a byte count with binary prefixes (1 KB = 1024 B), or `"?"` if unknown."""
     if size_bytes is None:
         return "?"
     size = float(size_bytes)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
+    for unit in _SIZE_UNITS:
+        if size < 1024 or unit == _SIZE_UNITS[-1]:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size_bytes} B"
 
 
+def format_metric(value) -> str:
+    """Format a metric value with 6 significant digits."""
+    return f"{value:.6g}"
+
+
+def metric_names(checkpoints) -> list[str]:
+    """Return the names of every metric linked to any of `checkpoints`, sorted."""
+    return sorted({name for checkpoint in checkpoints for name in checkpoint.metrics})
+
+
+def checkpoint_cells(checkpoint, names) -> list[str]:
+    """Return a checkpoint's table cells: epoch, step, status, format, size, then `names`."""
+    cells = [
+        str(checkpoint.epoch),
+        str(checkpoint.global_step),
+        checkpoint.status,
+        checkpoint.format,
+        format_size(checkpoint.size_bytes),
+    ]
+    cells += [
+        format_metric(checkpoint.metrics[name]) if name in checkpoint.metrics else ""
+        for name in names
+    ]
+    return cells
+
+
+def best_model_id(checkpoints, monitor: str | None, mode: str = "auto") -> str | None:
+    """Return the model id of the best checkpoint by `monitor`, or None."""
+    if not monitor:
+        return None
+    from mlflow_ckpt.policies import rank_by_metric, resolve_mode
+
+    ranked = rank_by_metric(checkpoints, monitor, resolve_mode(monitor, mode))
+    return ranked[0].model_id if ranked else None
+
+
 def render_index(run_id: str, checkpoints, monitor: str | None = None) -> str:
     """Return the Markdown text of the index, newest checkpoint first."""
-    metric_names = sorted({key for c in checkpoints for key in c.metrics})
-    header = ["Epoch", "Step", "Status", "Format", "Size"] + metric_names + ["Model URI"]
+    names = metric_names(checkpoints)
+    header = ["Epoch", "Step", "Status", "Format", "Size", *names, "Model URI"]
+    best_id = best_model_id(checkpoints, monitor)
     lines = [
         f"# Checkpoints of run {run_id}",
         "",
-        f"{len(checkpoints)} committed checkpoint(s). Load one with "
-        f"`mlflow_ckpt.load_checkpoint(\"{run_id}\", epoch=N)` or serve it with "
-        "`mlflow models serve -m <Model URI>`.",
+        f"{len(checkpoints)} committed checkpoint(s), newest first. Each one is also listed "
+        "under \"Logged models\" on the run's Overview tab, as `checkpoint-epoch-NNNN`, where "
+        "it can be registered.",
         "",
     ]
-    if monitor:
-        lines += [f"Best checkpoint by `{monitor}` is marked with *.", ""]
+    if best_id:
+        lines += [f"The best checkpoint by `{monitor}` is marked with *.", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    best_id = None
-    if monitor:
-        from mlflow_ckpt.policies import rank_by_metric, resolve_mode
-
-        ranked = rank_by_metric(checkpoints, monitor, resolve_mode(monitor, "auto"))
-        best_id = ranked[0].model_id if ranked else None
     for checkpoint in reversed(checkpoints):
-        epoch = f"{checkpoint.epoch}{' *' if checkpoint.model_id == best_id else ''}"
-        row = [
-            epoch,
-            str(checkpoint.global_step),
-            checkpoint.status,
-            checkpoint.format,
-            _format_size(checkpoint.size_bytes),
-        ]
-        row += [
-            f"{checkpoint.metrics[name]:.6g}" if name in checkpoint.metrics else ""
-            for name in metric_names
-        ]
-        row.append(f"`{checkpoint.model_uri}`")
-        lines.append("| " + " | ".join(row) + " |")
+        cells = checkpoint_cells(checkpoint, names)
+        if checkpoint.model_id == best_id:
+            cells[0] += " *"
+        cells.append(f"`{checkpoint.model_uri}`")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Use a checkpoint",
+        "",
+        f"- Load: `mlflow_ckpt.load_checkpoint(\"{run_id}\", epoch=N)`",
+        f"- Resume training: `mlflow_ckpt.resume(\"{run_id}\", epoch=N)`",
+        "- Serve: `mlflow models serve -m <Model URI> --env-manager local`",
+        f"- Register: `mlflow-ckpt promote {run_id} --epoch N --name <registered model name>`",
+        f"- Verify every file: `mlflow-ckpt verify {run_id}`",
+    ]
     return "\n".join(lines) + "\n"
 
 
