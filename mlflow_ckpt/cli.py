@@ -16,7 +16,7 @@ import click
 from mlflow_ckpt._version import __version__
 
 # MLflow 3.17's REST client retries a failed request 7 times with exponential
-# back-off and waits 120 s for an answer, so a command aimed at a stopped
+# back-off and waits 120 s for a response, so a command aimed at a stopped
 # server would hang for minutes. The commands below use these limits instead,
 # unless the user set the variables. `train` and `resume` keep MLflow's
 # defaults, because a long training job should outlast a short outage.
@@ -48,8 +48,8 @@ class UserError(click.ClickException):
 class _OneLineErrorGroup(click.Group):
     """A click group that reports every error as one line on stderr.
 
-    Click prints a usage block of three or four lines for an invalid option;
-    this group prints the message and where to find help on one line.
+    For an invalid option, click prints a usage block of three or four
+    lines. This group prints the message and where to find help on one line.
     """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -152,7 +152,7 @@ def cli(ctx, tracking_uri, verbose):
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not verbose:
-        # urllib3 logs each HTTP retry as a warning; the error line says it all.
+        # urllib3 logs each HTTP retry as a warning, which the one-line error already covers.
         logging.getLogger("urllib3").setLevel(logging.ERROR)
     if ctx.invoked_subcommand in _FAIL_FAST_COMMANDS:
         for name, value in _FAIL_FAST_HTTP_SETTINGS.items():
@@ -451,7 +451,7 @@ def upload(run_id, staging_dir):
         return
     click.echo(
         f"mlflow-ckpt: uploading {len(snapshots)} checkpoint(s) "
-        f"({format_size(sum(s.size_bytes for s in snapshots))}) and {len(metric_batches)} "
+        f"({format_size(sum(_folder_size(s.model_dir) for s in snapshots))}) and {len(metric_batches)} "
         f"epoch(s) of metrics from {staging_dir}",
         err=True,
     )
@@ -460,6 +460,12 @@ def upload(run_id, staging_dir):
     for epoch, model_id in committed:
         click.echo(f"Committed epoch {epoch} as models:/{model_id}")
     click.echo(f"Uploaded {len(committed)} checkpoint(s) and {len(metric_batches)} epoch(s) of metrics.")
+
+
+def _folder_size(folder: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names
+    )
 
 
 @contextlib.contextmanager

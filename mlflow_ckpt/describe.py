@@ -30,11 +30,11 @@ def describe_checkpoint(checkpoint, tracking_uri: str | None = None) -> dict:
         tracking_uri: Tracking server to read from; the current one by default.
 
     Returns:
-        A dict with `checkpoint` (the record), `manifest` (the parsed
-        `manifest.json`, or None if it is missing), `signature` (the model's
-        input and output schema from `MLmodel`, or None) and `lineage` (the
-        run, what it was resumed from, whether it is the run's latest or best
-        checkpoint, and the registered model versions promoted from it).
+        A dict with four keys. `checkpoint` is the record and `manifest` the
+        parsed `manifest.json` (None if missing). `signature` is the model's
+        input and output schema from `MLmodel` (None if absent). `lineage`
+        names the run, what it was resumed from, whether this is the run's
+        latest or best checkpoint, and the model versions promoted from it.
     """
     client = MlflowClient(tracking_uri=tracking_uri)
     texts = transfer.read_texts(checkpoint, [MANIFEST_FILE, MLMODEL_FILE], client)
