@@ -2,7 +2,9 @@
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 
 import keras
 import mlflow
@@ -427,6 +429,7 @@ class MlflowCheckpoint(keras.callbacks.Callback):
 
     def _stage(self, epoch: int, steps_into_epoch: int, logs: dict, metrics_logged: bool = False):
         if not self._is_chief:
+            self._stage_and_discard(epoch, steps_into_epoch)
             return
         self._finish_staged()
         metrics = {key: value for key, value in logs.items() if _is_number(value)}
@@ -456,6 +459,23 @@ class MlflowCheckpoint(keras.callbacks.Callback):
                 f"\nEpoch {epoch}: MlflowCheckpoint staged a checkpoint of run "
                 f"{self._run.info.run_id}; uploading in the background."
             )
+
+    def _stage_and_discard(self, epoch: int, steps_into_epoch: int):
+        """Take the chief's snapshot on a non-chief worker too, then throw it away.
+
+        Under MultiWorkerMirroredStrategy, reading a sync-on-read variable is a
+        collective operation: the chief's reads block until every worker makes
+        the same reads.
+        """
+        scratch = tempfile.mkdtemp(prefix="mlflow-ckpt-worker-")
+        try:
+            snapshot.write_snapshot(
+                self.model, staging_dir=scratch, run_id="worker", experiment_id="",
+                epoch=epoch, steps_into_epoch=steps_into_epoch, metrics={},
+                format=self.format, flavor_options=self.flavor_options,
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def _finish_staged(self):
         """Complete the staged snapshot with the callbacks' state, then hand it to the uploader.
