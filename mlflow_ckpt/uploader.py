@@ -3,10 +3,11 @@
 The training thread hands over two kinds of task, in order:
 
 - epoch metrics, logged to the run with `step` = epoch;
-- staged snapshots, each committed as: hash the files into the manifest,
-  find or create the LoggedModel (PENDING), upload the files, verify them,
-  link the epoch's metrics, finalize READY, then update the run's pointers
-  and index, apply retention and delete the staging folder.
+- staged snapshots. Each is committed in steps: hash the files into the
+  manifest, find or create the LoggedModel (PENDING), upload and verify the
+  files, link the epoch's metrics and finalize READY. Then the worker
+  updates the run's pointers and index, applies retention and deletes the
+  staging folder.
 
 A task that fails with a transient error (server unreachable, timeout, 5xx,
 429) is retried with exponential back-off for as long as training runs, and
@@ -92,7 +93,7 @@ class _SnapshotTask:
 
 @dataclasses.dataclass
 class FlushResult:
-    """What `Uploader.flush` left behind.
+    """Work that `Uploader.flush` left unsent.
 
     Attributes:
         unsent: Snapshots not committed yet; their folders are still on disk.
@@ -135,7 +136,7 @@ class Uploader:
         staging_dir: Folder where pending epoch metrics are journaled so they
             survive the process. None keeps them in memory only.
         retry_initial: First wait in seconds after a failure; doubles up to `retry_max`.
-        retry_max: Longest wait in seconds between two attempts.
+        retry_max: Maximum wait in seconds between two attempts.
         max_attempts: Attempts at a task that fails with a non-transient
             error before it is abandoned. Transient errors retry without limit.
         request_timeout: Seconds one HTTP request of the worker may wait for
@@ -429,8 +430,8 @@ class Uploader:
                 },
                 model_type=MODEL_TYPE,
             )
-            # Search again rather than trust the answer: a create whose answer was
-            # lost and whose retry raced with it leaves two models to reconcile here.
+            # Search again rather than trust the response, because a create whose
+            # response was lost and whose retry raced with it leaves two models.
             existing = self._find_existing(snapshot)
             if not existing:
                 raise UploadIncompleteError(
@@ -535,8 +536,8 @@ class Uploader:
             )
 
     def _after_commit(self, run_id: str) -> None:
-        # Pointers, index and retention are derived from the store, so a
-        # failure here is repaired by the next commit; it never fails the commit.
+        # Pointers, index and retention are derived from the store, so an MLflow or
+        # disk error here is logged and repaired by the next commit, not raised.
         try:
             apply_retention(run_id, self.retention, self.monitor, self.mode, self._client)
             checkpoints = store.list_checkpoints(run_id, tracking_uri=self._tracking_uri)

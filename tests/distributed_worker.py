@@ -36,9 +36,10 @@ def build_model():
 def train_loop(strategy, model, x, y, initial_epoch, epochs, callback):
     """Train with `strategy.run` and drive the Keras callbacks by hand.
 
-    Keras 3.15's `Model.fit` fails under MultiWorkerMirroredStrategy
-    (keras-team/keras#20585), so the test uses the custom loop that such
-    users write, with the callback called through a `CallbackList`.
+    Keras 3.15's `Model.fit` raises "Attempt to convert a value (PerReplica...)"
+    under MultiWorkerMirroredStrategy with TensorFlow 2.21, so the test uses
+    the custom loop that such users write, calling the callback through a
+    `CallbackList`.
     """
     global_batch = 16
     dataset = strategy.experimental_distribute_dataset(

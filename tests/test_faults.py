@@ -1,4 +1,4 @@
-"""Checkpoints survive corrupt files, server outages and answers lost on the way back."""
+"""Checkpoints survive corrupt files, server outages and lost server responses."""
 
 import logging
 import os
@@ -160,7 +160,7 @@ def test_lost_finalize_answer_no_duplicate(proxy, mlflow_server):
     proxy.on_failure = lambda method, path: latest_when_failed.append(
         direct.get_run(run_id).data.tags.get(RUN_TAG_LATEST)
     )
-    # The server finalizes epoch 2's checkpoint, but the client is told it failed.
+    # The server finalizes epoch 2's checkpoint, but the client receives a 503.
     proxy.fail_once("PATCH", FINALIZE_PATH, skip=1)
     with mlflow.start_run() as run:
         run_id = run.info.run_id
@@ -181,7 +181,7 @@ def test_lost_finalize_answer_no_duplicate(proxy, mlflow_server):
 
 @pytest.mark.server
 def test_lost_log_batch_answer_no_duplicate_metrics(proxy, mlflow_server):
-    # Epoch 1's metrics reach the server, but the client is told it failed and resends them.
+    # Epoch 1's metrics reach the server, but the client receives a 503 and resends them.
     proxy.fail_once("POST", LOG_BATCH_PATH)
     with mlflow.start_run() as run:
         fit(tiny_model(), epochs=3, callbacks=[mlflow_ckpt.MlflowCheckpoint(every_n_epochs=3)])
