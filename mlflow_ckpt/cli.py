@@ -385,8 +385,10 @@ def prune(run_id, keep_last, keep_best, keep_every, monitor, mode, dry_run, forc
     """Delete the checkpoints of a finished run that no --keep-* rule keeps.
 
     The rules combine: a checkpoint kept by any of them stays. The newest
-    checkpoint and the best by --monitor always stay. Deleting removes the
-    checkpoint's files from the artifact store as well as its record.
+    checkpoint and the best by --monitor always stay, and so does a checkpoint
+    that a registered model version reads directly (one registered from the
+    MLflow UI). Deleting removes the checkpoint's files from the artifact
+    store as well as its record.
     """
     from mlflow_ckpt import policies, run_index, store
     from mlflow.tracking import MlflowClient
@@ -411,6 +413,13 @@ def prune(run_id, keep_last, keep_best, keep_every, monitor, mode, dry_run, forc
             )
         checkpoints = store.list_checkpoints(run_id)
         doomed = policies.checkpoints_to_delete(checkpoints, rules, monitor, policies.resolve_mode(monitor, mode))
+        registered = _registered_checkpoints(client, run_id)
+        for checkpoint in [c for c in doomed if c.model_id in registered]:
+            click.echo(
+                f"Keeping epoch {checkpoint.epoch}  {checkpoint.model_uri}: registered as "
+                f"{', '.join(registered[checkpoint.model_id])}, which reads its files"
+            )
+        doomed = [c for c in doomed if c.model_id not in registered]
         doomed_ids = {c.model_id for c in doomed}
         kept = [c for c in checkpoints if c.model_id not in doomed_ids]
 
@@ -427,6 +436,22 @@ def prune(run_id, keep_last, keep_best, keep_every, monitor, mode, dry_run, forc
         click.echo(f"Dry run: {len(doomed)} of {len(checkpoints)} checkpoint(s) would be deleted; keeping epochs {kept_epochs}.")
     else:
         click.echo(f"Deleted {len(doomed)} of {len(checkpoints)} checkpoint(s); kept epochs {kept_epochs}.")
+
+
+def _registered_checkpoints(client, run_id: str) -> dict:
+    """Map the model id of each checkpoint registered directly (as from the UI) to its versions.
+
+    Such a model version reads the checkpoint's files in place, so deleting
+    the checkpoint would break it. `mlflow-ckpt promote` registers a copy instead.
+    """
+    registered = {}
+    for version in client.search_model_versions(f"run_id = '{run_id}'"):
+        model_id = version.model_id
+        if not model_id and (version.source or "").startswith("models:/m-"):
+            model_id = version.source[len("models:/"):]
+        if model_id:
+            registered.setdefault(model_id, []).append(f"models:/{version.name}/{version.version}")
+    return registered
 
 
 @cli.command()

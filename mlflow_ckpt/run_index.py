@@ -62,7 +62,7 @@ def best_model_id(checkpoints, monitor: str | None, mode: str = "auto") -> str |
 def render_index(run_id: str, checkpoints, monitor: str | None = None) -> str:
     """Return the Markdown text of the index, newest checkpoint first."""
     names = metric_names(checkpoints)
-    header = ["Epoch", "Step", "Status", "Format", "Size", *names, "Model URI"]
+    header = ["Epoch", "Step", "Status", "Format", "Size", *names]
     best_id = best_model_id(checkpoints, monitor)
     lines = [
         f"# Checkpoints of run {run_id}",
@@ -79,8 +79,10 @@ def render_index(run_id: str, checkpoints, monitor: str | None = None) -> str:
         cells = checkpoint_cells(checkpoint, names)
         if checkpoint.model_id == best_id:
             cells[0] += " *"
-        cells.append(f"`{checkpoint.model_uri}`")
         lines.append("| " + " | ".join(cells) + " |")
+    # The URIs are listed apart from the table because they would make it too wide to read.
+    lines += ["", "## Model URIs", ""]
+    lines += [f"- epoch {c.epoch}: `{c.model_uri}`" for c in reversed(checkpoints)]
     lines += [
         "",
         "## Use a checkpoint",

@@ -337,6 +337,20 @@ def test_prune_keeps_best(backend):
     assert {c.epoch for c in remaining} == {best.epoch, EPOCHS}
 
 
+def test_prune_keeps_directly_registered(backend):
+    run_id = train_tiny_run(backend, epochs=3)
+    first = mlflow_ckpt.get_checkpoint(run_id, 1, tracking_uri=backend.uri)
+    mlflow.register_model(first.model_uri, f"cli-direct-{backend.name}")
+
+    result = invoke(backend, "prune", run_id, "--keep-last", "1")
+
+    remaining = {c.epoch for c in mlflow_ckpt.list_checkpoints(run_id, tracking_uri=backend.uri)}
+    assert result.exit_code == 0, result.output
+    assert f"Keeping epoch 1  {first.model_uri}: registered as models:/cli-direct-{backend.name}/1" in result.stdout
+    assert 1 in remaining
+    assert 2 not in remaining
+
+
 def test_prune_without_rule_rejected(backend, trained_run):
     result = invoke(backend, "prune", trained_run)
 
