@@ -14,6 +14,7 @@ import mlflow
 from keras.src.utils import io_utils
 
 from mlflow_ckpt import distributed, policies, snapshot, store, training_state
+from mlflow_ckpt.model_writer import BackgroundWriter, ShadowModel
 from mlflow_ckpt.checkpoint import TRAINING_STATE_DIR
 from mlflow_ckpt.preemption import SigtermWatcher, TrainingPreempted
 from mlflow_ckpt.uploader import Uploader, describe_unsent
@@ -223,6 +224,8 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         self._best = policies.BestOnly(monitor, self.mode, initial_value_threshold)
 
         self._uploader = None
+        self._shadow = None
+        self._writer = None
         self._is_chief = True
         self._run = None
         self._started_run = False
@@ -440,6 +443,7 @@ class MlflowCheckpoint(keras.callbacks.Callback):
             metrics = {}
         self._staged = snapshot.write_snapshot(
             self.model,
+            shadow=self._background_shadow(),
             staging_dir=self.staging_dir,
             run_id=self._run.info.run_id,
             experiment_id=self._run.info.experiment_id,
@@ -491,7 +495,24 @@ class MlflowCheckpoint(keras.callbacks.Callback):
             os.path.join(staged.model_dir, TRAINING_STATE_DIR), random_states
         )
         snapshot.complete_snapshot(staged, self._callbacks_to_capture())
-        self._uploader.submit_snapshot(staged)
+        if staged.pending is not None:
+            self._writer.submit(staged)
+        else:
+            self._uploader.submit_snapshot(staged)
+
+    def _background_shadow(self):
+        """Return the shadow model for background writes, building it at the first save.
+
+        Returns None when the model cannot be copied; files are then written
+        on the training thread.
+        """
+        if self._shadow is None:
+            self._shadow = ShadowModel.create(self.model) or False
+            if self._shadow:
+                self._writer = BackgroundWriter(
+                    self._shadow, on_written=self._uploader.submit_snapshot
+                )
+        return self._shadow or None
 
     def _callbacks_to_capture(self):
         return list(self.tracked_callbacks or []) + [self]
@@ -518,6 +539,10 @@ class MlflowCheckpoint(keras.callbacks.Callback):
             )
 
     def _flush(self, preempted=False):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._shadow = None
         if self._uploader is None:
             return None
         timeout = self.flush_timeout
