@@ -19,6 +19,7 @@ import time
 
 from mlflow_ckpt import snapshot as snapshot_module
 from mlflow_ckpt import training_state
+from mlflow_ckpt._threads import lower_current_thread_priority
 
 _logger = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class BackgroundWriter:
         self._thread.join()
 
     def _work(self) -> None:
+        lower_current_thread_priority()
         while True:
             snapshot = self._queue.get()
             if snapshot is None:

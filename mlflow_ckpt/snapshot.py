@@ -80,6 +80,11 @@ class Snapshot:
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+        # Remove the run's folder too once its last snapshot is gone.
+        try:
+            os.rmdir(os.path.dirname(self.folder))
+        except OSError:
+            pass
 
 
 def write_snapshot(

@@ -14,6 +14,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from mlflow_ckpt import manifest
+from mlflow_ckpt._http_limits import short_http_limits
 from mlflow_ckpt.checkpoint import (
     KIND_CHECKPOINT,
     MANIFEST_FILE,
@@ -27,6 +28,7 @@ from mlflow_ckpt.checkpoint import (
     Checkpoint,
 )
 from mlflow_ckpt.errors import (
+    CheckpointError,
     CheckpointNotFoundError,
     IncompatibleCheckpointError,
     InvalidCheckpointError,
@@ -61,15 +63,41 @@ def get_run(run_id: str, client: MlflowClient | None = None):
     if not run_id or not isinstance(run_id, str):
         raise CheckpointNotFoundError(f"Invalid run id {run_id!r}: expected a non-empty string.")
     try:
-        return client.get_run(run_id)
+        # Every read starts here, so a dead server is reported within seconds
+        # instead of after MLflow's default retries (about 4 minutes), unless
+        # the user chose their own retry count.
+        if "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in os.environ:
+            return client.get_run(run_id)
+        with short_http_limits(max_retries=2, timeout=30):
+            return client.get_run(run_id)
     except MlflowException as error:
         if _is_not_found(error) or "not found" in str(error).lower():
             raise CheckpointNotFoundError(
                 f"Run {run_id!r} not found at tracking URI {mlflow.get_tracking_uri()!r}. "
-                "Check the run id in the MLflow UI or with `mlflow runs list`, and that "
-                "MLFLOW_TRACKING_URI points at the server that stores it."
+                "Check the run id in the MLflow UI or with `mlflow runs list "
+                "--experiment-id <ID>`, and that MLFLOW_TRACKING_URI points at the server "
+                "that stores it."
+            ) from error
+        if _is_unreachable(error):
+            raise CheckpointError(
+                f"Tracking server {mlflow.get_tracking_uri()!r} is unreachable (connection "
+                f"refused or timed out) while looking up run {run_id!r}. Start the server, "
+                "or point MLFLOW_TRACKING_URI at one that is running."
             ) from error
         raise
+
+
+def _is_unreachable(error: MlflowException) -> bool:
+    text = str(error)
+    return any(
+        marker in text
+        for marker in ("Max retries exceeded", "Connection refused", "Failed to establish a new connection")
+    )
+
+
+def _first_line(error: Exception) -> str:
+    text = getattr(error, "message", None) or str(error)
+    return text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
 
 
 def checkpoint_from_logged_model(logged_model) -> Checkpoint | None:
@@ -139,8 +167,11 @@ def list_checkpoints(
         if checkpoint is None or (logged_model.tags or {}).get(TAG_DELETING):
             continue
         if include_pending or checkpoint.status == STATUS_READY:
-            checkpoints.append(checkpoint)
-    return sorted(checkpoints, key=lambda c: (c.epoch, c.global_step))
+            checkpoints.append((checkpoint, logged_model.creation_timestamp or 0))
+    # Two checkpoints share an epoch and step when a run is resumed from an earlier
+    # epoch and trains past it again; the newer one is the run's current state.
+    checkpoints.sort(key=lambda pair: (pair[0].epoch, pair[0].global_step, pair[1]))
+    return [checkpoint for checkpoint, _ in checkpoints]
 
 
 def latest_checkpoint(run_id: str, tracking_uri: str | None = None) -> Checkpoint | None:
@@ -245,6 +276,11 @@ def resolve(ref, epoch: int | None = None, tracking_uri: str | None = None) -> C
     if ref.startswith("models:/"):
         return _resolve_model_uri(ref, tracking_uri)
     if os.path.sep in ref or ref.startswith("."):
+        if not os.path.exists(ref):
+            raise CheckpointNotFoundError(
+                f"Checkpoint folder {ref!r} does not exist. Pass an existing folder, a run "
+                "id or a 'models:/<model_id>' URI."
+            )
         raise CheckpointNotFoundError(
             f"{ref!r} is not a checkpoint folder: it has no {MANIFEST_FILE}. Pass the folder "
             "that contains MLmodel and manifest.json."
@@ -255,7 +291,7 @@ def resolve(ref, epoch: int | None = None, tracking_uri: str | None = None) -> C
     if checkpoint is None:
         raise CheckpointNotFoundError(
             f"Run {ref!r} has no committed checkpoint yet. Train it with an MlflowCheckpoint "
-            "callback, or check `mlflow-ckpt list {ref}` for pending uploads."
+            f"callback, or check `mlflow-ckpt list {ref}` for pending uploads."
         )
     return checkpoint
 
@@ -272,7 +308,7 @@ def _resolve_model_uri(uri: str, tracking_uri: str | None) -> Checkpoint:
             else:
                 version = client.get_model_version(name, rest)
         except MlflowException as error:
-            raise CheckpointNotFoundError(f"Registered model {uri!r} not found: {error.message}") from error
+            raise CheckpointNotFoundError(f"Registered model {uri!r} not found: {_first_line(error).rstrip('.')}.") from error
         model_id = version.model_id
     else:
         model_id = path
@@ -280,7 +316,8 @@ def _resolve_model_uri(uri: str, tracking_uri: str | None) -> Checkpoint:
         logged_model = client.get_logged_model(model_id)
     except MlflowException as error:
         raise CheckpointNotFoundError(
-            f"Model {uri!r} not found: {error.message}. Use a URI from `mlflow-ckpt list RUN_ID`."
+            f"Model {uri!r} not found: {_first_line(error).rstrip('.')}. Use a URI from "
+            "`mlflow-ckpt list RUN_ID`."
         ) from error
     checkpoint = checkpoint_from_logged_model(logged_model)
     if checkpoint is None:

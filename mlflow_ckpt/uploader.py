@@ -43,6 +43,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_ckpt import manifest, policies, run_index, store
 from mlflow_ckpt._http_limits import short_http_limits
+from mlflow_ckpt._threads import lower_current_thread_priority
 from mlflow_ckpt.checkpoint import (
     KIND_CHECKPOINT,
     RUN_TAG_BEST,
@@ -309,6 +310,7 @@ class Uploader:
     # Worker side.
 
     def _work(self) -> None:
+        lower_current_thread_priority()
         while True:
             with self._condition:
                 while not self._tasks and not self._stopping:

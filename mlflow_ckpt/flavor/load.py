@@ -4,6 +4,8 @@ import logging
 import os
 import sys
 
+from mlflow_ckpt import manifest
+from mlflow_ckpt.checkpoint import MANIFEST_FILE
 from mlflow_ckpt.errors import InvalidCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,10 @@ def load_model(model_uri, custom_objects=None, compile=True, safe_mode=True, dst
     from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
     local_dir = _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
+    if os.path.isfile(os.path.join(local_dir, MANIFEST_FILE)):
+        # A checkpoint carries the SHA-256 of each file: a corrupt file is then
+        # named, instead of surfacing as a zip or HDF5 error from Keras.
+        manifest.verify(local_dir, label=model_uri)
     return load_model_from_dir(local_dir, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode, model=model)
 
 
