@@ -12,6 +12,7 @@ disk: a crash in between loses that one checkpoint, never an earlier one.
 """
 
 import logging
+import os
 import queue
 import sys
 import threading
@@ -28,15 +29,17 @@ class ShadowModel:
     """A copy of the training model whose only job is to be written to disk.
 
     Use `ShadowModel.create`, which returns None when the model cannot be
-    cloned faithfully (a subclassed model without `get_config`, or training
-    under a `tf.distribute` strategy, where reading variables is collective
-    and must happen on the training thread of every worker).
+    cloned faithfully (a subclassed model without `get_config`), or when it
+    trains under a `tf.distribute` strategy or with `TF_CONFIG` set: there,
+    reading variables can be a collective operation that every worker must
+    perform the same way on its training thread.
     """
 
     def __init__(self, model):
         import keras
 
         clone = keras.models.clone_model(model)
+        training_state.build_optimizer(model)
         optimizer = getattr(model, "optimizer", None)
         if optimizer is not None:
             compile_arguments = dict(model._compile_config.config)
@@ -53,7 +56,15 @@ class ShadowModel:
         """Return a `ShadowModel` of `model`, or None to write on the training thread."""
         import tensorflow as tf
 
-        if tf.distribute.has_strategy():
+        # Under a multi-worker strategy every worker must read the variables the
+        # same way, so all of them write on the training thread instead.
+        strategy = getattr(model, "distribute_strategy", None)
+        default_strategy = tf.distribute.get_strategy() if not tf.distribute.has_strategy() else None
+        if (
+            tf.distribute.has_strategy()
+            or os.environ.get("TF_CONFIG")
+            or (strategy is not None and strategy is not default_strategy)
+        ):
             return None
         # Building the copy draws initial weights and seeds from the global random
         # generators. Put them back, or creating the copy at the first save would

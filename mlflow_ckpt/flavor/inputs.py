@@ -40,7 +40,16 @@ def describe_inputs(model) -> dict:
 
 def describe_outputs(model) -> list:
     """Return `{"name", "dtype", "shape"}` for each output of a built Keras model."""
-    outputs = model.outputs
+    outputs = getattr(model, "outputs", None)
+    if not outputs:
+        # A subclassed model has no symbolic outputs: trace one call symbolically.
+        import keras
+
+        structure = _input_structure(model)
+        if isinstance(structure, (list, tuple)) and len(structure) == 1:
+            structure = structure[0]
+        outputs = keras.tree.flatten(model.compute_output_spec(structure))
+        return [_tensor_spec(f"output_{i}", tensor) for i, tensor in enumerate(outputs)]
     names = list(getattr(model, "output_names", None) or [tensor.name for tensor in outputs])
     return [_tensor_spec(name, tensor) for name, tensor in zip(names, outputs)]
 
@@ -75,12 +84,32 @@ def _input_structure(model):
         pass
     inputs = getattr(model, "inputs", None)
     if not inputs:
+        inputs = _inputs_from_build_shape(model)
+    if not inputs:
         raise ValueError(
             f"Model {model.name!r} has no known inputs, so its input names and "
             "shapes cannot be recorded. Build it first, for example by calling it "
             "on a batch or by starting it with `keras.Input(...)`."
         )
     return inputs
+
+
+def _inputs_from_build_shape(model):
+    """Describe the single input of a subclassed model built by `fit` or a call.
+
+    Such a model has no symbolic inputs, but Keras records the shape it was
+    built with (`_build_shapes_dict`, private in Keras 3.15).
+    """
+    import keras
+
+    shapes = getattr(model, "_build_shapes_dict", None) or {}
+    if len(shapes) != 1:
+        return None
+    (shape,) = shapes.values()
+    if not isinstance(shape, (list, tuple)) or not all(d is None or isinstance(d, int) for d in shape):
+        return None
+    dtype = getattr(model, "input_dtype", None) or "float32"
+    return [keras.KerasTensor(tuple(shape), dtype=dtype, name="input")]
 
 
 def _tensor_spec(name, tensor) -> dict:
