@@ -28,11 +28,11 @@ _logger = logging.getLogger(__name__)
 class ShadowModel:
     """A copy of the training model whose only job is to be written to disk.
 
-    Use `ShadowModel.create`, which returns None when the model cannot be
-    cloned faithfully (a subclassed model without `get_config`), or when it
-    trains under a `tf.distribute` strategy or with `TF_CONFIG` set: there,
-    reading variables can be a collective operation that every worker must
-    perform the same way on its training thread.
+    Use `ShadowModel.create`. It returns None when the model cannot be cloned
+    faithfully (a subclassed model without `get_config`). It also returns
+    None under a `tf.distribute` strategy or with `TF_CONFIG` set, because
+    reading variables can then be a collective operation that every worker
+    must perform the same way on its training thread.
     """
 
     def __init__(self, model):

@@ -1,7 +1,7 @@
 """Save and retention policies: small objects that each make one decision.
 
-A save policy answers "is this a save point?"; a retention policy answers
-"which checkpoints does this rule keep?". Retention rules combine by union:
+A save policy decides whether a step or epoch is a save point. A retention
+policy returns the checkpoints that its rule keeps. Retention rules combine by union:
 a checkpoint survives if any rule keeps it, and the newest and the best are
 always kept. A new rule is a new class, not a new flag on the callback.
 """
@@ -123,8 +123,8 @@ def rank_by_metric(checkpoints, monitor: str, mode: str) -> list:
 def checkpoints_to_delete(checkpoints, rules, monitor: str | None = None, mode: str = "min") -> list:
     """Return the committed checkpoints that no rule keeps.
 
-    The newest checkpoint and, when `monitor` is given, the best one are kept
-    whatever the rules say, so a resume or a promote always has a target.
+    The newest checkpoint and, when `monitor` is given, the best one are
+    always kept, so a resume or a promote always has a target.
     """
     if not rules or not checkpoints:
         return []

@@ -1,8 +1,8 @@
 """The run's `checkpoints.md`: a human-readable index of its committed checkpoints.
 
 The MLflow UI previews Markdown artifacts, and a run's Artifacts tab does not
-list the files of its LoggedModels, so this page is where a person browsing
-the run sees every checkpoint with its epoch, metrics and URI. The table
+list the files of its LoggedModels, so this page lists every checkpoint with
+its epoch, metrics and URI for a person browsing the run. The table
 helpers here are shared with `mlflow-ckpt list`, so both show the same values.
 """
 

@@ -170,8 +170,8 @@ def write_pending(snapshot: Snapshot, shadow=None) -> Snapshot:
     captured_shadow, state, arrays, flavor_options = snapshot.pending
     shadow = shadow or captured_shadow
     shadow.assign(arrays)
-    # The flavor writes into an empty folder only, and model/ already holds the
-    # callback and random states that the training thread wrote.
+    # The flavor writes into an empty folder only, and model/ already contains
+    # the callback and random states that the training thread wrote.
     written = snapshot.model_dir + ".writing"
     shutil.rmtree(written, ignore_errors=True)
     save_model(shadow.model, written, format=snapshot.format, **flavor_options)

@@ -169,7 +169,7 @@ def list_checkpoints(
         if include_pending or checkpoint.status == STATUS_READY:
             checkpoints.append((checkpoint, logged_model.creation_timestamp or 0))
     # Two checkpoints share an epoch and step when a run is resumed from an earlier
-    # epoch and trains past it again; the newer one is the run's current state.
+    # epoch and trains past it again. The newer one is the run's current state.
     checkpoints.sort(key=lambda pair: (pair[0].epoch, pair[0].global_step, pair[1]))
     return [checkpoint for checkpoint, _ in checkpoints]
 

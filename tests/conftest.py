@@ -11,7 +11,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-# The venv's bin holds `mlflow` and `uvicorn`; `mlflow models serve` finds uvicorn on PATH.
+# The venv's bin contains `mlflow` and `uvicorn`, and `mlflow models serve` finds uvicorn on PATH.
 VENV_BIN = str(Path(sys.executable).parent)
 if VENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
     os.environ["PATH"] = VENV_BIN + os.pathsep + os.environ.get("PATH", "")
