@@ -209,21 +209,41 @@ class Uploader:
             self._condition.notify_all()
 
     def submit_snapshot(self, snapshot: Snapshot) -> None:
-        """Queue a staged snapshot; block while `max_pending` snapshots are waiting."""
+        """Queue a staged snapshot.
+
+        While uploads succeed, this blocks as long as `max_pending` snapshots
+        are waiting, so a slow server slows training instead of filling the
+        disk. While the server is unreachable it does not block: the snapshot
+        is already on disk, training goes on, and the backlog is uploaded once
+        the server answers again.
+        """
         with self._condition:
             self._raise_if_stopped()
-            if self._pending_snapshots >= self.max_pending:
+            if self._pending_snapshots >= self.max_pending and self._failing_since is None:
                 _logger.warning(
                     "Run %s: %d checkpoints are waiting to upload (max_pending=%d); training "
-                    "waits for one to finish before queuing epoch %d.%s",
+                    "waits for one to finish before queuing epoch %d.",
                     snapshot.run_id,
                     self._pending_snapshots,
                     self.max_pending,
                     snapshot.epoch,
-                    " Uploads are failing: " + self._errors[-1] if self._failing_since else "",
                 )
-            while self._pending_snapshots >= self.max_pending and self._thread.is_alive():
+            while (
+                self._pending_snapshots >= self.max_pending
+                and self._failing_since is None
+                and self._thread.is_alive()
+            ):
                 self._condition.wait(timeout=1.0)
+            if self._pending_snapshots >= self.max_pending:
+                _logger.warning(
+                    "Run %s: uploads are failing (%s); epoch %d waits on disk in %s with %d "
+                    "other checkpoint(s) and training continues.",
+                    snapshot.run_id,
+                    self._errors[-1] if self._errors else "no error recorded",
+                    snapshot.epoch,
+                    os.path.dirname(snapshot.folder),
+                    self._pending_snapshots,
+                )
             self._pending_snapshots += 1
             self._tasks.append(_SnapshotTask(snapshot))
             self._condition.notify_all()

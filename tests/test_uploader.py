@@ -57,18 +57,23 @@ def test_short_limits_stay_on_their_thread():
     assert seen == [MLFLOW_HTTP_REQUEST_MAX_RETRIES.default]
 
 
-def test_full_queue_blocks_submit(dead_url, staging):
+def test_outage_does_not_block_submit(dead_url, staging):
     model = tiny_model()
     uploader = Uploader(tracking_uri=dead_url, max_pending=1, staging_dir=str(staging))
     uploader.submit_snapshot(_stage(model, staging, epoch=1))
+    deadline = time.monotonic() + 30
+    while not uploader.errors and time.monotonic() < deadline:
+        time.sleep(0.1)
     second = threading.Thread(target=uploader.submit_snapshot, args=(_stage(model, staging, epoch=2),))
     second.start()
-    second.join(timeout=1.5)
+    second.join(timeout=5)
     blocked = second.is_alive()
     uploader.close(timeout=0, show_progress=False)
     second.join(timeout=10)
 
-    assert blocked
+    assert uploader.errors
+    assert not blocked
+    assert len(snapshots.find_staged(str(staging))) == 2
 
 
 def test_flush_prints_progress_and_keeps_unsent(dead_url, staging, capfd):

@@ -132,16 +132,21 @@ def train(
             input_example=data.x_test[:2],
             verbose=1,
         )
-        model.fit(
-            data.x_train,
-            data.y_train,
-            epochs=epochs,
-            batch_size=batch_size,
-            shuffle=True,
-            validation_data=(data.x_test, data.y_test),
-            callbacks=[checkpoint],
-            verbose=verbose,
-        )
+        try:
+            model.fit(
+                data.x_train,
+                data.y_train,
+                epochs=epochs,
+                batch_size=batch_size,
+                shuffle=True,
+                validation_data=(data.x_test, data.y_test),
+                callbacks=[checkpoint],
+                verbose=verbose,
+            )
+        except mlflow_ckpt.TrainingPreempted:
+            # Leaving the `with` block on an exception would mark the run FAILED.
+            mlflow.end_run(status="KILLED")
+            raise
         trained = _evaluate(model, data)
         mlflow.log_metrics({"test_loss": trained["loss"], "test_accuracy": trained["accuracy"]})
         run_id = run.info.run_id
