@@ -61,7 +61,11 @@ def list_files(checkpoint: Checkpoint, client: MlflowClient | None = None) -> di
             for root, _, names in os.walk(checkpoint.local_path)
             for name in names
         }
-    repository = _repository(checkpoint, client)
+    return artifact_sizes(_repository(checkpoint, client))
+
+
+def artifact_sizes(repository) -> dict:
+    """Return `{path: size_bytes}` for every file in an artifact repository, sorted by path."""
     files = {}
     folders = [None]
     while folders:

@@ -532,17 +532,10 @@ class Uploader:
         """Compare the artifact store's listing with the manifest: every file, with its size."""
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+        from mlflow_ckpt.transfer import artifact_sizes
+
         expected = manifest.read_manifest(snapshot.model_dir)["files"]
-        repository = get_artifact_repository(logged_model.artifact_location)
-        found = {}
-        folders = [None]
-        while folders:
-            folder = folders.pop()
-            for entry in repository.list_artifacts(folder):
-                if entry.is_dir:
-                    folders.append(entry.path)
-                else:
-                    found[entry.path] = entry.file_size
+        found = artifact_sizes(get_artifact_repository(logged_model.artifact_location))
         problems = []
         for relative, record in expected.items():
             size = found.get(relative)
