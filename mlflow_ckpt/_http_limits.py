@@ -3,7 +3,7 @@
 MLflow's REST client retries a failed request up to
 `MLFLOW_HTTP_REQUEST_MAX_RETRIES` times (7 by default in MLflow 3.17) with
 exponential back-off, and waits `MLFLOW_HTTP_REQUEST_TIMEOUT` seconds (120)
-for an answer. One call to a server that is down can then block for minutes.
+for a response. One call to a server that is down can then block for minutes.
 The upload worker has its own retry loop with back-off, so it wants each call
 to fail fast, while calls from the training thread and the user's code keep
 the user's settings. MLflow reads these settings through the objects in

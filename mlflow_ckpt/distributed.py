@@ -1,7 +1,7 @@
 """Which process logs checkpoints when one model trains on several machines.
 
 Under `tf.distribute.MultiWorkerMirroredStrategy` every worker runs the same
-`fit` with the same callbacks and holds the same variables. Only the chief
+`fit` with the same callbacks and has the same variables. Only the chief
 talks to MLflow: it starts or continues the run, stages and uploads the
 checkpoints and logs the metrics. The other workers skip all of that, but
 each can restore a checkpoint with `mlflow_ckpt.resume` (all of them must,

@@ -64,6 +64,7 @@ def render_index(run_id: str, checkpoints, monitor: str | None = None) -> str:
     names = metric_names(checkpoints)
     header = ["Epoch", "Step", "Status", "Format", "Size", *names]
     best_id = best_model_id(checkpoints, monitor)
+
     lines = [
         f"# Checkpoints of run {run_id}",
         "",
@@ -74,15 +75,18 @@ def render_index(run_id: str, checkpoints, monitor: str | None = None) -> str:
     ]
     if best_id:
         lines += [f"The best checkpoint by `{monitor}` is marked with *.", ""]
+
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for checkpoint in reversed(checkpoints):
         cells = checkpoint_cells(checkpoint, names)
         if checkpoint.model_id == best_id:
             cells[0] += " *"
         lines.append("| " + " | ".join(cells) + " |")
+
     # The URIs are listed apart from the table because they would make it too wide to read.
     lines += ["", "## Model URIs", ""]
     lines += [f"- epoch {c.epoch}: `{c.model_uri}`" for c in reversed(checkpoints)]
+
     lines += [
         "",
         "## Use a checkpoint",

@@ -16,8 +16,8 @@ training order. Any other error is retried `max_attempts` times, then the
 task is abandoned and reported, and the worker moves on.
 
 Retries never duplicate anything. Each snapshot carries a unique id tag that
-the worker looks for before creating a LoggedModel, and epoch metrics keep
-the timestamp of their first attempt, so a resent value is identical to the
+the worker looks for before creating a LoggedModel. Epoch metrics keep the
+timestamp of their first attempt, so a resent value is identical to the
 stored one and MLflow's SQL stores keep one copy.
 
 Both kinds of task are journaled in the staging folder: a snapshot is its
@@ -215,7 +215,7 @@ class Uploader:
         are waiting, so a slow server slows training instead of filling the
         disk. While the server is unreachable it does not block: the snapshot
         is already on disk, training goes on, and the backlog is uploaded once
-        the server answers again.
+        the server responds again.
         """
         with self._condition:
             self._raise_if_stopped()
@@ -389,8 +389,8 @@ class Uploader:
         message = f"Uploading {task.describe()} failed (attempt {attempt}): {_one_line(error)}"
         with self._condition:
             self._errors.append(message)
-        # The first failure is a warning; the retries that follow are logged at debug
-        # level so an outage of many minutes does not flood the training log.
+        # The first failure is a warning. The retries that follow are logged at debug
+        # level, so an outage of many minutes does not flood the training log.
         if attempt == 1:
             kind = "retrying in the background" if transient else f"retrying up to {self.max_attempts} times"
             _logger.warning("%s. Training continues; %s.", message, kind)

@@ -81,11 +81,11 @@ class ServerSwitch(keras.callbacks.Callback):
 
 
 class ErrorProxy:
-    """An HTTP proxy on 127.0.0.1 that forwards to `target` and can replace answers with errors.
+    """An HTTP proxy on 127.0.0.1 that forwards to `target` and can replace responses with errors.
 
-    `fail_once(method, path_pattern)` makes a matching request reach
-    the server as usual, but answers the client with a 503, so the client
-    sees a failure for work the server has done. `on_failure` (if set) runs
+    `fail_once(method, path_pattern)` lets a matching request reach the
+    server as usual but sends the client a 503 instead of the response, so
+    the client gets a failure for work the server has done. `on_failure` (if set) runs
     just before that 503 is sent. `requests` lists `(method, path, status)`.
     """
 
@@ -117,7 +117,7 @@ class ErrorProxy:
         self.thread.start()
 
     def fail_once(self, method: str, path_pattern: str, skip: int = 0) -> None:
-        """Answer the matching request after the first `skip` matches with a 503, once."""
+        """Respond with a 503, once, to the matching request that follows the first `skip` matches."""
         with self.lock:
             self.rules.append([method, re.compile(path_pattern), skip])
 

@@ -2,7 +2,7 @@
 
 Importing TensorFlow takes seconds, which twenty fresh processes cannot
 afford. This process imports it once, runs no TensorFlow op itself, and
-forks a child per request; each child trains a small model in one MLflow
+forks a child per request. Each child trains a small model in one MLflow
 run with a checkpoint every epoch until the test kills it with SIGKILL.
 
 Protocol: each line on stdin is a JSON request `{"tracking_uri", "run_id"

@@ -46,7 +46,7 @@ def save_model(
             Defaults to `"keras"`.
         custom_objects: Dict of name to class or function the model needs.
             Their import paths are recorded (never pickled), so a new process
-            that can import them loads the model without being told.
+            that can import them loads the model with no `custom_objects` argument.
         code_paths: List of local files or folders copied into the model and
             put on `sys.path` when it is loaded, for custom objects that the
             loading environment cannot import otherwise.
