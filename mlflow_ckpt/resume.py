@@ -239,8 +239,12 @@ def _restore_from_dir(local, checkpoint, model, custom_objects, fork) -> ResumeS
         loaded = model
         if checkpoint.format == "weights":
             load_model_from_dir(local, custom_objects=custom_objects, compile=True, model=model)
+        elif training_state.needs_model_file(state):
+            saved = load_model_from_dir(local, custom_objects=custom_objects, compile=True)
+            arrays = training_state.fill_from_model(state, arrays, saved)
     else:
         loaded = load_model_from_dir(local, custom_objects=custom_objects, compile=True)
+        arrays = training_state.fill_from_model(state, arrays, loaded)
     training_state.restore(loaded, state, arrays)
 
     callback_states, callback_arrays = training_state.read_callbacks(state_dir)

@@ -127,7 +127,10 @@ def write_snapshot(
             pending = (shadow, state, arrays, dict(flavor_options or {}))
         else:
             save_model(model, model_dir, format=format, **(flavor_options or {}))
-            training_state.write(os.path.join(model_dir, TRAINING_STATE_DIR), state, arrays)
+            training_state.write(
+                os.path.join(model_dir, TRAINING_STATE_DIR), state, arrays,
+                format=_format_holding_variables(format, flavor_options),
+            )
             pending = None
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -181,10 +184,20 @@ def write_pending(snapshot: Snapshot, shadow=None) -> Snapshot:
     )
     os.rmdir(snapshot.model_dir)
     os.replace(written, snapshot.model_dir)
-    training_state.write(os.path.join(snapshot.model_dir, TRAINING_STATE_DIR), state, arrays)
+    training_state.write(
+        os.path.join(snapshot.model_dir, TRAINING_STATE_DIR), state, arrays,
+        format=_format_holding_variables(snapshot.format, flavor_options),
+    )
     snapshot.pending = None
     snapshot.save()
     return snapshot
+
+
+def _format_holding_variables(format: str, flavor_options: dict | None) -> str | None:
+    # Without the optimizer in the model file, training_state/ must keep every variable.
+    if not (flavor_options or {}).get("include_optimizer", True):
+        return None
+    return format
 
 
 def complete_snapshot(snapshot: Snapshot, callbacks=()) -> Snapshot:

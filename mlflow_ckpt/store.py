@@ -125,14 +125,25 @@ def checkpoint_from_logged_model(logged_model) -> Checkpoint | None:
     )
 
 
-def search_checkpoint_models(run, client: MlflowClient) -> list:
-    """Return every LoggedModel of `run` that is a checkpoint, in any status."""
+def search_checkpoint_models(run, client: MlflowClient, experiment_id: str | None = None) -> list:
+    """Return every LoggedModel of `run` that is a checkpoint, in any status.
+
+    Args:
+        run: An MLflow `Run`, or a run id together with `experiment_id`,
+            which saves a `get_run` request.
+        client: The client to search with.
+        experiment_id: The experiment of `run` when `run` is an id.
+    """
+    if experiment_id is None:
+        experiment_id, run_id = run.info.experiment_id, run.info.run_id
+    else:
+        run_id = run
     models = []
     page_token = None
     while True:
         page = client.search_logged_models(
-            experiment_ids=[run.info.experiment_id],
-            filter_string=f"source_run_id = '{run.info.run_id}'",
+            experiment_ids=[experiment_id],
+            filter_string=f"source_run_id = '{run_id}'",
             max_results=_SEARCH_PAGE_SIZE,
             page_token=page_token,
         )
@@ -161,8 +172,13 @@ def list_checkpoints(
     """
     client = _client(tracking_uri)
     run = get_run(run_id, client)
+    return checkpoints_from_models(search_checkpoint_models(run, client), include_pending)
+
+
+def checkpoints_from_models(logged_models, include_pending: bool = False) -> list[Checkpoint]:
+    """Return the checkpoints among `logged_models` as `list_checkpoints` orders them."""
     checkpoints = []
-    for logged_model in search_checkpoint_models(run, client):
+    for logged_model in logged_models:
         checkpoint = checkpoint_from_logged_model(logged_model)
         if checkpoint is None or (logged_model.tags or {}).get(TAG_DELETING):
             continue
@@ -423,7 +439,11 @@ def load_checkpoint(
 
     if model is not None and checkpoint.format != "weights":
         if has_optimizer and has_training_state(local):
-            training_state.restore(model, *training_state.read(state_dir))
+            state, arrays = training_state.read(state_dir)
+            if training_state.needs_model_file(state):
+                saved = load_model_from_dir(local, custom_objects=custom_objects, compile=True)
+                arrays = training_state.fill_from_model(state, arrays, saved)
+            training_state.restore(model, state, arrays)
         else:
             saved = load_model_from_dir(local, custom_objects=custom_objects, compile=False)
             _copy_weights(saved, model, checkpoint)
@@ -433,7 +453,9 @@ def load_checkpoint(
         local, custom_objects=custom_objects, compile=compile, model=model
     )
     if has_training_state(local) and (compile or has_optimizer):
-        training_state.restore(loaded, *training_state.read(state_dir))
+        state, arrays = training_state.read(state_dir)
+        arrays = training_state.fill_from_model(state, arrays, loaded)
+        training_state.restore(loaded, state, arrays)
     return loaded
 
 

@@ -6,12 +6,16 @@ learning-rate schedules), every `SeedGenerator` state (Dropout draws its masks
 from one), the epoch and step counters and the state of stateful callbacks.
 This module writes all of that to a folder beside the model:
 
-- `variables.npz`: every model variable (weights and seed generator states),
-  every optimizer variable and every metric variable, stored by position as
+- `variables.npz`: the model variables (weights and seed generator states),
+  optimizer variables and metric variables, stored by position as
   `model/00012`, `optimizer/00003` and `metrics/00001`. The metric variables
-  hold the running totals of an epoch that a mid-epoch checkpoint interrupts;
+  hold the running totals of an epoch that a mid-epoch checkpoint interrupts.
+  With the `keras` and `savedmodel` formats, the model file already restores
+  every weight and optimizer variable exactly, so those are left out and
+  `fill_from_model` takes them from the loaded model file instead;
 - `state.json`: counters, variable paths and shapes, the architecture
-  fingerprint and the optimizer config;
+  fingerprint, the optimizer config and the CRC-32 of every variable that
+  was left out of `variables.npz`;
 - `callbacks.json` and `callbacks.npz`: the state of stateful callbacks,
   written later than the rest because other callbacks update their state
   after the checkpoint callback has seen the epoch end;
@@ -29,6 +33,7 @@ import json
 import logging
 import math
 import os
+import zlib
 
 import numpy as np
 
@@ -42,6 +47,11 @@ CALLBACKS_FILE = "callbacks.json"
 CALLBACK_ARRAYS_FILE = "callbacks.npz"
 RANDOM_STATES_FILE = "random_states.json"
 STATE_VERSION = 1
+
+# Formats whose model file is a `.keras` zip (`savedmodel` keeps one beside the
+# SavedModel). Loading it with Keras 3.15 restores every weight and every
+# optimizer variable bit for bit, but not the seed generator states.
+FORMATS_STORING_VARIABLES = ("keras", "savedmodel")
 
 # Attributes that make up the state of Keras' stateful callbacks, by class name.
 # `best_weights` of EarlyStopping is saved too, so `restore_best_weights` still
@@ -177,6 +187,13 @@ def restore_callback_states(callbacks, json_states: dict, arrays) -> list[str]:
     return restored
 
 
+def _host_copy(variable) -> np.ndarray:
+    # TensorFlow's `numpy()` already returns a fresh array, so copying it again
+    # would double the time the training thread spends here.
+    array = np.asarray(variable.numpy())
+    return array if array.flags.owndata else array.copy()
+
+
 def capture(model, *, epoch: int, steps_into_epoch: int = 0, extra=None):
     """Read the model's full training state into host memory.
 
@@ -198,13 +215,14 @@ def capture(model, *, epoch: int, steps_into_epoch: int = 0, extra=None):
     model_variables = _model_variables(model)
     optimizer_variables = _optimizer_variables(model)
     metric_variables = _metric_variables(model)
+    weight_ids = {id(variable) for variable in model.weights}
     arrays = {}
     for i, variable in enumerate(model_variables):
-        arrays[f"model/{i:05d}"] = np.array(variable.numpy())
+        arrays[f"model/{i:05d}"] = _host_copy(variable)
     for i, variable in enumerate(optimizer_variables):
-        arrays[f"optimizer/{i:05d}"] = np.array(variable.numpy())
+        arrays[f"optimizer/{i:05d}"] = _host_copy(variable)
     for i, variable in enumerate(metric_variables):
-        arrays[f"metrics/{i:05d}"] = np.array(variable.numpy())
+        arrays[f"metrics/{i:05d}"] = _host_copy(variable)
 
     optimizer = getattr(model, "optimizer", None)
     global_step = int(optimizer.iterations.numpy()) if optimizer is not None else 0
@@ -214,6 +232,11 @@ def capture(model, *, epoch: int, steps_into_epoch: int = 0, extra=None):
         "global_step": global_step,
         "steps_into_epoch": int(steps_into_epoch),
         "model_variables": _variable_records(model_variables),
+        # Seed generator states are variables but not weights, and a model
+        # file does not restore them.
+        "model_weight_positions": [
+            i for i, variable in enumerate(model_variables) if id(variable) in weight_ids
+        ],
         "optimizer_variables": _variable_records(optimizer_variables),
         "metric_variables": _variable_records(metric_variables),
         "optimizer_config": _optimizer_config(optimizer),
@@ -237,12 +260,78 @@ def _optimizer_config(optimizer):
         return None
 
 
-def write(directory, state: dict, arrays: dict) -> None:
-    """Write a captured state into `directory` (created if missing)."""
+def write(directory, state: dict, arrays: dict, format: str | None = None) -> None:
+    """Write a captured state into `directory` (created if missing).
+
+    With a `format` in `FORMATS_STORING_VARIABLES`, the weights and optimizer
+    variables are left out of `variables.npz`, because the model file beside
+    it holds them. Their CRC-32 go into `state.json`, so `fill_from_model`
+    can check that the model file gave back the same values.
+    """
     os.makedirs(directory, exist_ok=True)
-    np.savez(os.path.join(directory, VARIABLES_FILE), **arrays)
+    stored = dict(arrays)
+    state = dict(state)
+    if format in FORMATS_STORING_VARIABLES:
+        in_model_file = [f"model/{i:05d}" for i in state.get("model_weight_positions", [])]
+        in_model_file += [f"optimizer/{i:05d}" for i in range(len(state["optimizer_variables"]))]
+        state["in_model_file"] = {
+            key: zlib.crc32(np.ascontiguousarray(stored.pop(key)).data) for key in in_model_file
+        }
+    np.savez(os.path.join(directory, VARIABLES_FILE), **stored)
     with open(os.path.join(directory, STATE_FILE), "w") as f:
         json.dump(state, f, indent=2, default=_json_default)
+
+
+def needs_model_file(state: dict) -> bool:
+    """Return True if some variables of `state` must come from the model file (`fill_from_model`)."""
+    return bool(state.get("in_model_file"))
+
+
+def fill_from_model(state: dict, arrays: dict, model) -> dict:
+    """Return `arrays` completed with the variables that `write` left to the model file.
+
+    Args:
+        state, arrays: As returned by `read`.
+        model: The model loaded from the checkpoint's own model file, compiled,
+            so that its optimizer variables hold the saved values.
+
+    Raises:
+        IncompatibleCheckpointError: if `model` has fewer variables or other
+            shapes than the checkpoint records.
+        InvalidCheckpointError: if a value from the model file differs from
+            the CRC-32 recorded at save time.
+    """
+    missing = state.get("in_model_file") or {}
+    if not missing:
+        return arrays
+    build_optimizer(model)
+    groups = {
+        "model": (_model_variables(model), state["model_variables"]),
+        "optimizer": (_optimizer_variables(model), state["optimizer_variables"]),
+    }
+    completed = dict(arrays)
+    for key, expected_crc in missing.items():
+        group, position = key.split("/")
+        variables, records = groups[group]
+        index = int(position)
+        record = records[index]
+        if index >= len(variables) or list(variables[index].shape) != list(record["shape"]):
+            raise IncompatibleCheckpointError(
+                f"The model loaded from the checkpoint's model file has no variable of shape "
+                f"{record['shape']} at position {index} ({record['path']}), so its training "
+                "state cannot be completed. The model file and training_state/ do not belong "
+                "together; resume from another checkpoint."
+            )
+        value = _host_copy(variables[index])
+        if zlib.crc32(np.ascontiguousarray(value).data) != expected_crc:
+            raise InvalidCheckpointError(
+                f"Variable {record['path']} loaded from the checkpoint's model file differs "
+                "from the value saved with it (CRC-32 mismatch), so resuming would not be "
+                "exact. Check that the same Keras version reads the file, or resume from "
+                "another checkpoint."
+            )
+        completed[key] = value
+    return completed
 
 
 def _json_default(value):
