@@ -193,6 +193,7 @@ class Uploader:
         self._errors = []
         self._failed = []
         self._committed = []
+        self._retention_checked = set()
         self._thread = threading.Thread(target=self._work, name="mlflow-ckpt-uploader", daemon=True)
         self._thread.start()
 
@@ -499,7 +500,7 @@ class Uploader:
         self._link_to_run(snapshot, logged_model.model_id)
         with self._condition:
             self._committed.append((snapshot.epoch, logged_model.model_id))
-        self._after_commit(snapshot.run_id)
+        self._after_commit(snapshot)
         snapshot.discard()
         if self.on_commit is not None:
             try:
@@ -511,12 +512,17 @@ class Uploader:
     def _link_to_run(self, snapshot: Snapshot, model_id: str) -> None:
         # A run output with step = epoch is what the MLflow UI's run page lists
         # under "Logged models". The server rejects linking the same model
-        # twice, so a retry checks the run's outputs first.
-        run = self._client.get_run(snapshot.run_id)
-        outputs = run.outputs.model_outputs if run.outputs else []
-        if any(output.model_id == model_id for output in outputs):
-            return
-        self._client.log_outputs(snapshot.run_id, [LoggedModelOutput(model_id, step=snapshot.epoch)])
+        # twice, so after a failure the run's outputs show whether an earlier
+        # attempt already linked it. Reading the run only then saves a request
+        # that returns the whole metric history at every commit.
+        try:
+            self._client.log_outputs(snapshot.run_id, [LoggedModelOutput(model_id, step=snapshot.epoch)])
+        except MlflowException:
+            run = self._client.get_run(snapshot.run_id)
+            outputs = run.outputs.model_outputs if run.outputs else []
+            if any(output.model_id == model_id for output in outputs):
+                return
+            raise
 
     def _link_metrics(self, model_id: str, snapshot: Snapshot) -> None:
         # The timestamp is the snapshot's, fixed at staging, so a retry logs
@@ -550,12 +556,22 @@ class Uploader:
                 f"Upload of {logged_model.model_id} is incomplete: " + "; ".join(problems)
             )
 
-    def _after_commit(self, run_id: str) -> None:
+    def _after_commit(self, snapshot: Snapshot) -> None:
         # Pointers, index and retention are derived from the store, so an MLflow or
         # disk error here is logged and repaired by the next commit, not raised.
+        run_id = snapshot.run_id
         try:
-            apply_retention(run_id, self.retention, self.monitor, self.mode, self._client)
-            checkpoints = store.list_checkpoints(run_id, tracking_uri=self._tracking_uri)
+            if self.retention or run_id not in self._retention_checked:
+                # Without retention rules, only deletions left unfinished by an
+                # earlier process need finishing, once per run.
+                apply_retention(
+                    run_id, self.retention, self.monitor, self.mode, self._client,
+                    experiment_id=snapshot.experiment_id,
+                )
+                self._retention_checked.add(run_id)
+            checkpoints = store.checkpoints_from_models(
+                store.search_checkpoint_models(run_id, self._client, experiment_id=snapshot.experiment_id)
+            )
             if not checkpoints:
                 return
             self._client.set_tag(run_id, RUN_TAG_LATEST, checkpoints[-1].model_id)
@@ -573,24 +589,32 @@ class Uploader:
             )
 
 
-def apply_retention(run_id: str, rules, monitor: str | None, mode: str, client: MlflowClient) -> list:
+def apply_retention(
+    run_id: str, rules, monitor: str | None, mode: str, client: MlflowClient,
+    experiment_id: str | None = None,
+) -> list:
     """Delete the committed checkpoints of `run_id` that no retention rule keeps.
 
     Also finishes deletions that an earlier process started and did not
     complete. The newest checkpoint and the best by `monitor` are always kept.
+    Passing the run's `experiment_id` saves a `get_run` request.
 
     Returns:
         The checkpoints deleted.
     """
-    run = store.get_run(run_id, client)
-    for logged_model in store.search_checkpoint_models(run, client):
-        if (logged_model.tags or {}).get(store.TAG_DELETING):
-            checkpoint = store.checkpoint_from_logged_model(logged_model)
-            if checkpoint is not None:
-                store.delete_checkpoint(checkpoint, client)
+    if experiment_id is None:
+        models = store.search_checkpoint_models(store.get_run(run_id, client), client)
+    else:
+        models = store.search_checkpoint_models(run_id, client, experiment_id=experiment_id)
+    unfinished = [m for m in models if (m.tags or {}).get(store.TAG_DELETING)]
+    for logged_model in unfinished:
+        checkpoint = store.checkpoint_from_logged_model(logged_model)
+        if checkpoint is not None:
+            store.delete_checkpoint(checkpoint, client)
     if not rules:
         return []
-    checkpoints = store.list_checkpoints(run_id, tracking_uri=client.tracking_uri)
+    remaining = [m for m in models if m not in unfinished]
+    checkpoints = store.checkpoints_from_models(remaining)
     doomed = policies.checkpoints_to_delete(checkpoints, rules, monitor, mode)
     for checkpoint in doomed:
         store.delete_checkpoint(checkpoint, client)
