@@ -7,19 +7,46 @@ Trains the same model on the same data, in one process, with:
 - `mlflow_ckpt.MlflowCheckpoint(every_n_epochs=1)`;
 
 each against a local store (SQLite file, local artifacts) and against a local
-`mlflow server` subprocess (SQLite, proxied artifacts) on 127.0.0.1. The
-configurations alternate round by round so that drifts in machine load hit
-all of them alike. A fit's time includes the wait for uploads at its end.
+`mlflow server` subprocess (SQLite, proxied artifacts) on 127.0.0.1.
+
+Every round runs each configuration once, and the order rotates by one
+position per round, so each configuration runs first, second and so on
+equally often when the number of rounds is a multiple of five. Before each
+fit the Keras session is cleared and garbage collected, so fits start from
+the same state.
+
+The data is fed as one repeated `tf.data` pipeline per fit with tf.data's
+autotuning turned off. With NumPy arrays, or with autotuning on, TensorFlow
+2.21 sometimes stalls for about 7 s at the end of an epoch while it destroys
+the epoch's iterator, on these 2-core machines in about half of the epochs,
+with or without checkpointing. Those stalls are larger than the effect being
+measured.
+
+Two times are reported per fit:
+
+- the whole fit, from `fit` to its return, which includes tracing the first
+  epoch and waiting for pending uploads at the end;
+- the steady-state epoch: the median time from the start of one epoch to the
+  start of the next, over every epoch but the first (tracing) and the last
+  (no next epoch). It contains the save, the training thread's share of the
+  upload, and the background threads' competition for the CPU.
 
     pip install -e '.[bench]'
-    python benchmarks/overhead.py [--rounds 2] [--epochs 6] [--samples 40960]
+    python benchmarks/overhead.py [--rounds 5] [--epochs 5] [--samples 40960]
 
-Prints one line per fit, then the median wall time of each configuration and
-its ratio to the baseline.
+Prints one line per fit, then per configuration the median of each time and
+its ratio to the baseline. The ratios are also computed within each round
+(paired with that round's baseline), and their median is printed too. The
+CPU column adds the CPU time of this process (all threads) and of the
+`mlflow server` during the fit, and "extra" is its difference from the
+baseline: the work that checkpointing costs, which the wall-time ratios show
+only through the noise of a shared machine.
 """
 
 import argparse
+import gc
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -100,10 +127,35 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def timed_fit(kind: str, tracking_uri: str | None, data, epochs: int, batch_size: int, staging: str) -> float:
+class EpochClock(keras.callbacks.Callback):
+    """Record the monotonic time at the start of every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.starts = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.starts.append(time.monotonic())
+
+
+def make_dataset(x, y, batch_size: int):
+    """Return a repeated, batched pipeline over `(x, y)` with tf.data's autotuning off."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat()
+    return dataset.with_options(options)
+
+
+def timed_fit(kind: str, tracking_uri: str | None, data, epochs: int, batch_size: int, staging: str):
+    """Train one fresh model with checkpointing `kind`; return (whole-fit s, steady epoch s)."""
+    keras.backend.clear_session()
+    gc.collect()
     x, y, x_val, y_val = data
     model = build_model()
-    callbacks = []
+    clock = EpochClock()
+    callbacks = [clock]
     if kind == "autolog":
         mlflow.tensorflow.autolog(
             checkpoint=True, checkpoint_save_best_only=False, checkpoint_save_freq="epoch",
@@ -113,31 +165,130 @@ def timed_fit(kind: str, tracking_uri: str | None, data, epochs: int, batch_size
         callbacks.append(mlflow_ckpt.MlflowCheckpoint(every_n_epochs=1, staging_dir=staging))
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    fit_arguments = dict(
+        epochs=epochs,
+        steps_per_epoch=len(x) // batch_size,
+        validation_data=make_dataset(x_val, y_val, batch_size),
+        validation_steps=max(1, len(x_val) // batch_size),
+        callbacks=callbacks,
+        verbose=0,
+    )
+    train = make_dataset(x, y, batch_size)
     started = time.monotonic()
     if kind == "none":
-        model.fit(x, y, epochs=epochs, batch_size=batch_size, validation_data=(x_val, y_val), verbose=0)
+        model.fit(train, **fit_arguments)
     else:
         with mlflow.start_run():
-            model.fit(
-                x, y, epochs=epochs, batch_size=batch_size, validation_data=(x_val, y_val),
-                callbacks=callbacks, verbose=0,
-            )
+            model.fit(train, **fit_arguments)
     elapsed = time.monotonic() - started
     if kind == "autolog":
         mlflow.tensorflow.autolog(disable=True)
-    return elapsed
+    # Epoch i lasts from its start to the start of epoch i + 1, so the time spent
+    # in every callback's on_epoch_end is counted, whatever the callbacks' order.
+    steady = [later - earlier for earlier, later in zip(clock.starts[1:], clock.starts[2:])]
+    return elapsed, statistics.median(steady)
+
+
+def store_label(tracking_uri: str | None) -> str:
+    if tracking_uri is None:
+        return "-"
+    if tracking_uri.startswith("http"):
+        return "server"
+    return "local"
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return the user + system CPU time so far of process `pid` and its descendants, from /proc.
+
+    `mlflow server` handles requests in worker processes that it starts, so
+    their time counts too.
+    """
+    parents, ticks = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # The fields after the command name, which may contain spaces:
+                # state, ppid, ..., utime (14th field overall), stime (15th).
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    tree = {pid}
+    grew = True
+    while grew:
+        children = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= children
+        grew = bool(children)
+    return sum(ticks.get(member, 0) for member in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def describe_machine() -> str:
+    cores = os.cpu_count()
+    memory = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kilobytes = int(f.readline().split()[1])
+        memory = f", {kilobytes / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return (
+        f"{platform.machine()}, {cores} cores{memory}, Python {platform.python_version()}, "
+        f"TensorFlow {_version('tensorflow')}, Keras {keras.__version__}, MLflow {mlflow.__version__}"
+    )
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def print_summary(times: dict, baseline_key) -> None:
+    """Print medians and ratios of whole-fit and steady-epoch times per configuration."""
+    rounds = len(times[baseline_key])
+    baseline_fit = statistics.median(t[0] for t in times[baseline_key])
+    baseline_epoch = statistics.median(t[1] for t in times[baseline_key])
+    baseline_cpu = statistics.median(t[2] for t in times[baseline_key])
+    print(
+        f"\n{'configuration':<22} {'fit s':>8} {'ratio':>7} {'paired':>7}"
+        f" {'epoch s':>8} {'ratio':>7} {'paired':>7} {'CPU s':>7} {'extra':>7}"
+    )
+    for key, values in times.items():
+        fit = statistics.median(t[0] for t in values)
+        epoch = statistics.median(t[1] for t in values)
+        paired_fit = statistics.median(
+            values[i][0] / times[baseline_key][i][0] for i in range(rounds)
+        )
+        paired_epoch = statistics.median(
+            values[i][1] / times[baseline_key][i][1] for i in range(rounds)
+        )
+        cpu = statistics.median(t[2] for t in values)
+        kind, store = key
+        print(
+            f"{kind + ' / ' + store:<22} {fit:8.2f} {fit / baseline_fit:7.3f} {paired_fit:7.3f}"
+            f" {epoch:8.2f} {epoch / baseline_epoch:7.3f} {paired_epoch:7.3f}"
+            f" {cpu:7.1f} {cpu - baseline_cpu:7.1f}"
+        )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2, help="Fits per configuration.")
-    parser.add_argument("--epochs", type=int, default=6, help="Epochs per fit.")
+    parser.add_argument("--rounds", type=int, default=5, help="Fits per configuration.")
+    parser.add_argument(
+        "--epochs", type=int, default=5,
+        help="Epochs per fit; at least 3, so that one steady-state epoch is timed.",
+    )
     parser.add_argument(
         "--samples", type=int, default=40960,
-        help="Training samples per epoch (40,960 make epochs of about 18 s on 2 CPU cores).",
+        help="Training samples per epoch (40,960 make epochs of about 13 s on 2 CPU cores).",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="Batch size.")
     args = parser.parse_args()
+    if args.epochs < 3:
+        parser.error(f"--epochs must be at least 3. Received: --epochs={args.epochs}")
 
     root = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-bench-"))
     os.chdir(root)
@@ -145,6 +296,7 @@ def main():
     x = rng.normal(size=(args.samples, INPUT_DIM)).astype("float32")
     y = rng.integers(0, CLASSES, size=args.samples)
     data = (x, y, x[:512], y[:512])
+    print(f"machine: {describe_machine()}")
     print(f"model state (weights + optimizer): {state_megabytes(build_model()):.1f} MB")
 
     server, server_url = start_server(root)
@@ -158,28 +310,32 @@ def main():
     ]
     times = {}
     try:
-        # A warm-up fit traces the train function so the first measured fit is not slower.
-        timed_fit("none", None, data, 1, args.batch_size, str(root / "staging"))
+        # A warm-up fit loads TensorFlow's kernels so the first measured fit is not slower.
+        timed_fit("none", None, data, 3, args.batch_size, str(root / "staging"))
         for round_number in range(args.rounds):
-            for kind, uri in configurations:
-                if uri is None:
-                    store = "-"
-                elif uri.startswith("http"):
-                    store = "server"
-                else:
-                    store = "local"
-                elapsed = timed_fit(kind, uri, data, args.epochs, args.batch_size, str(root / "staging"))
-                times.setdefault((kind, store), []).append(elapsed)
-                print(f"round {round_number + 1}: {kind:<12} {store:<7} {elapsed:7.2f} s", flush=True)
+            shift = round_number % len(configurations)
+            for kind, uri in configurations[shift:] + configurations[:shift]:
+                store = store_label(uri)
+                # The server is a child of this process, so its time is in both trees.
+                total_before, server_before = cpu_seconds(os.getpid()), cpu_seconds(server.pid)
+                elapsed, epoch = timed_fit(kind, uri, data, args.epochs, args.batch_size, str(root / "staging"))
+                server_cpu = cpu_seconds(server.pid) - server_before
+                cpu = cpu_seconds(os.getpid()) - total_before - server_cpu
+                times.setdefault((kind, store), []).append((elapsed, epoch, cpu + server_cpu))
+                print(
+                    f"round {round_number + 1}: {kind:<12} {store:<7} fit {elapsed:7.2f} s"
+                    f"  steady epoch {epoch:6.2f} s  CPU {cpu:6.1f} s + server {server_cpu:5.1f} s",
+                    flush=True,
+                )
     finally:
         server.terminate()
         server.wait(timeout=30)
 
-    baseline = statistics.median(times[("none", "-")])
-    print(f"\n{'configuration':<22} {'median s':>9} {'ratio':>7}")
-    for (kind, store), values in times.items():
-        median = statistics.median(values)
-        print(f"{kind + ' / ' + store:<22} {median:9.2f} {median / baseline:7.3f}")
+    # Print in a fixed order, whatever order the last round ran in.
+    ordered = {}
+    for kind, uri in configurations:
+        ordered[(kind, store_label(uri))] = times[(kind, store_label(uri))]
+    print_summary(ordered, ("none", "-"))
     shutil.rmtree(root, ignore_errors=True)
 
 
