@@ -6,8 +6,10 @@ import threading
 
 _logger = logging.getLogger(__name__)
 
-# Linux nice value for background threads: the training threads win any
-# contest for a CPU core, and the checkpoint work fills the idle cycles.
+# Linux nice value for background threads. A nice-10 thread gets about a tenth
+# of a core that a nice-0 training thread also wants, and all of an idle one.
+# NOTE: SCHED_IDLE was tried instead and was not faster in a short
+# benchmark run; see docs/benchmarks.md.
 BACKGROUND_NICE = 10
 
 
