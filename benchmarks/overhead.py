@@ -46,6 +46,7 @@ only through the noise of a shared machine.
 
 import argparse
 import gc
+import importlib.util
 import os
 import platform
 import shutil
@@ -298,6 +299,11 @@ def main():
     unknown = sorted(set(kinds) - {"autolog", "mlflow_ckpt"})
     if unknown:
         parser.error(f"--kinds accepts autolog and mlflow_ckpt. Received: --kinds={args.kinds}")
+    if "autolog" in kinds and importlib.util.find_spec("tensorboard") is None:
+        parser.error(
+            "MLflow's Keras autolog needs TensorBoard, which is not installed. "
+            "Run `pip install -e '.[bench]'`, or pass --kinds mlflow_ckpt."
+        )
 
     root = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-bench-"))
     os.chdir(root)
