@@ -129,7 +129,7 @@ def write_snapshot(
             save_model(model, model_dir, format=format, **(flavor_options or {}))
             training_state.write(
                 os.path.join(model_dir, TRAINING_STATE_DIR), state, arrays,
-                format=_format_holding_variables(format, flavor_options),
+                format=_training_state_format(format, flavor_options),
             )
             pending = None
     except BaseException:
@@ -186,15 +186,16 @@ def write_pending(snapshot: Snapshot, shadow=None) -> Snapshot:
     os.replace(written, snapshot.model_dir)
     training_state.write(
         os.path.join(snapshot.model_dir, TRAINING_STATE_DIR), state, arrays,
-        format=_format_holding_variables(snapshot.format, flavor_options),
+        format=_training_state_format(snapshot.format, flavor_options),
     )
     snapshot.pending = None
     snapshot.save()
     return snapshot
 
 
-def _format_holding_variables(format: str, flavor_options: dict | None) -> str | None:
-    # Without the optimizer in the model file, training_state/ must keep every variable.
+def _training_state_format(format: str, flavor_options: dict | None) -> str | None:
+    # None makes training_state/ keep every variable, which it must when the
+    # model file has no optimizer state.
     if not (flavor_options or {}).get("include_optimizer", True):
         return None
     return format

@@ -265,7 +265,7 @@ def write(directory, state: dict, arrays: dict, format: str | None = None) -> No
 
     With a `format` in `FORMATS_STORING_VARIABLES`, the weights and optimizer
     variables are left out of `variables.npz`, because the model file beside
-    it holds them. Their CRC-32 go into `state.json`, so `fill_from_model`
+    it contains them. Their CRC-32 go into `state.json`, so `fill_from_model`
     can check that the model file gave back the same values.
     """
     os.makedirs(directory, exist_ok=True)
@@ -293,7 +293,7 @@ def fill_from_model(state: dict, arrays: dict, model) -> dict:
     Args:
         state, arrays: As returned by `read`.
         model: The model loaded from the checkpoint's own model file, compiled,
-            so that its optimizer variables hold the saved values.
+            so that its optimizer variables contain the saved values.
 
     Raises:
         IncompatibleCheckpointError: if `model` has fewer variables or other
@@ -320,7 +320,7 @@ def fill_from_model(state: dict, arrays: dict, model) -> dict:
                 f"The model loaded from the checkpoint's model file has no variable of shape "
                 f"{record['shape']} at position {index} ({record['path']}), so its training "
                 "state cannot be completed. The model file and training_state/ do not belong "
-                "together; resume from another checkpoint."
+                "together, so resume from another checkpoint."
             )
         value = _host_copy(variables[index])
         if zlib.crc32(np.ascontiguousarray(value).data) != expected_crc:
