@@ -474,6 +474,20 @@ def _copy_weights(source, target, checkpoint: Checkpoint) -> None:
     target.set_weights(source_weights)
 
 
+def _model_folder(logged_model) -> str:
+    """Return the folder that holds all of `logged_model`'s files.
+
+    MLflow stores a LoggedModel's files under `.../models/<model_id>/artifacts`.
+    Deleting only `artifacts` leaves an empty `<model_id>` folder per deleted
+    checkpoint behind, on local and proxied stores alike.
+    """
+    location = logged_model.artifact_location.rstrip("/")
+    parent, _, last = location.rpartition("/")
+    if last == "artifacts" and parent.rpartition("/")[2] == logged_model.model_id:
+        return parent
+    return location
+
+
 def delete_checkpoint(checkpoint: Checkpoint, client: MlflowClient | None = None) -> None:
     """Delete a checkpoint's files from the artifact store, then its LoggedModel record.
 
@@ -486,7 +500,7 @@ def delete_checkpoint(checkpoint: Checkpoint, client: MlflowClient | None = None
     client = client or _client()
     logged_model = client.get_logged_model(checkpoint.model_id)
     client.set_logged_model_tags(checkpoint.model_id, {TAG_DELETING: "true"})
-    repository = get_artifact_repository(logged_model.artifact_location)
+    repository = get_artifact_repository(_model_folder(logged_model))
     try:
         repository.delete_artifacts()
     except FileNotFoundError:

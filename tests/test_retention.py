@@ -84,6 +84,8 @@ def test_keep_last_keep_best_frees_bytes(tracking, request, tmp_path):
     assert [c.epoch for c in remaining] == sorted({9, 10, best_epoch})
     assert len(logged_models.to_list()) == len(remaining)
     assert tree_size(folder) == sum(c.size_bytes for c in remaining)
+    # No empty folder is left behind for a deleted checkpoint.
+    assert sorted(p.name for p in folder.iterdir()) == sorted(c.model_id for c in remaining)
 
 
 def test_interrupted_deletion_is_finished(local_tracking, tmp_path):
@@ -100,7 +102,7 @@ def test_interrupted_deletion_is_finished(local_tracking, tmp_path):
     apply_retention(run_id, [], None, "min", client)
     folder = models_folder(tmp_path / "mlruns", run.info.experiment_id) / first.model_id
 
-    assert tree_size(folder) == 0
+    assert not folder.exists()
     assert len(client.search_logged_models(
         experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
     ).to_list()) == 1
