@@ -53,6 +53,10 @@ class Snapshot:
     mode: str | None = None
     # Captured state and variables not yet written by a BackgroundWriter; never saved.
     pending: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
+    # True while no request to create this snapshot's LoggedModel has been sent,
+    # by this process or any other; never saved, so a snapshot loaded from disk
+    # (which another process may have sent) is False.
+    unsent: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     @property
     def model_dir(self) -> str:
@@ -65,7 +69,7 @@ class Snapshot:
         record = {
             field.name: getattr(self, field.name)
             for field in dataclasses.fields(self)
-            if field.name != "pending"
+            if field.name not in ("pending", "unsent")
         }
         with open(path + ".tmp", "w") as f:
             json.dump(record, f, indent=2)
@@ -157,6 +161,7 @@ def write_snapshot(
         monitor=monitor,
         mode=mode,
         pending=pending,
+        unsent=True,
     )
 
 

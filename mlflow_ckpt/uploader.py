@@ -437,22 +437,14 @@ class Uploader:
         return sorted(page, key=lambda m: (m.creation_timestamp, m.model_id))
 
     def _find_or_create(self, snapshot: Snapshot):
+        if snapshot.unsent:
+            # No LoggedModel of this snapshot can exist yet, so the searches that
+            # guard against duplicates are skipped: two requests per checkpoint.
+            snapshot.unsent = False
+            return self._create(snapshot)
         existing = self._find_existing(snapshot)
         if not existing:
-            self._client.create_logged_model(
-                experiment_id=snapshot.experiment_id,
-                name=f"checkpoint-epoch-{snapshot.epoch:04d}",
-                source_run_id=snapshot.run_id,
-                tags={
-                    TAG_KIND: KIND_CHECKPOINT,
-                    TAG_EPOCH: str(snapshot.epoch),
-                    TAG_STEP: str(snapshot.global_step),
-                    TAG_FORMAT: snapshot.format,
-                    TAG_SIZE: str(snapshot.size_bytes),
-                    TAG_SNAPSHOT_ID: snapshot.snapshot_id,
-                },
-                model_type=MODEL_TYPE,
-            )
+            self._create(snapshot)
             # Search again rather than trust the response, because a create whose
             # response was lost and whose retry raced with it leaves two models.
             existing = self._find_existing(snapshot)
@@ -471,6 +463,22 @@ class Uploader:
             if checkpoint is not None:
                 store.delete_checkpoint(checkpoint, self._client)
         return keep
+
+    def _create(self, snapshot: Snapshot):
+        return self._client.create_logged_model(
+            experiment_id=snapshot.experiment_id,
+            name=f"checkpoint-epoch-{snapshot.epoch:04d}",
+            source_run_id=snapshot.run_id,
+            tags={
+                TAG_KIND: KIND_CHECKPOINT,
+                TAG_EPOCH: str(snapshot.epoch),
+                TAG_STEP: str(snapshot.global_step),
+                TAG_FORMAT: snapshot.format,
+                TAG_SIZE: str(snapshot.size_bytes),
+                TAG_SNAPSHOT_ID: snapshot.snapshot_id,
+            },
+            model_type=MODEL_TYPE,
+        )
 
     def commit(self, snapshot: Snapshot) -> str:
         """Upload one staged snapshot and mark it READY. Safe to call again after any failure.

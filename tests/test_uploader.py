@@ -130,3 +130,26 @@ def test_commit_completes_pending_model(local_tracking, staging):
     assert latest_while_pending is None
     assert [(c.epoch, c.status) for c in everything] == [(1, "READY")]
     assert mlflow_ckpt.load_checkpoint(everything[0]).built
+
+
+def test_only_a_resent_snapshot_searches_for_duplicates(local_tracking, staging, monkeypatch):
+    with mlflow.start_run() as run:
+        pass
+    run_id, experiment_id = run.info.run_id, run.info.experiment_id
+    fresh = _stage(tiny_model(), staging, run_id=run_id, experiment_id=experiment_id, epoch=1)
+    # Loaded from disk, as after a crash: another process may have sent it already.
+    from_disk = snapshots.Snapshot.load(
+        _stage(tiny_model(), staging, run_id=run_id, experiment_id=experiment_id, epoch=2).folder
+    )
+    searched = []
+    find_existing = Uploader._find_existing
+    monkeypatch.setattr(
+        Uploader, "_find_existing", lambda self, s: searched.append(s.epoch) or find_existing(self, s)
+    )
+    uploader = Uploader(staging_dir=str(staging))
+    uploader.commit(fresh)
+    uploader.commit(from_disk)
+    uploader.close(timeout=0, show_progress=False)
+
+    assert searched == [2, 2]
+    assert [c.epoch for c in mlflow_ckpt.list_checkpoints(run_id)] == [1, 2]
