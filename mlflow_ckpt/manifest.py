@@ -100,14 +100,24 @@ def find_problems(directory) -> list[str]:
     return problems
 
 
-def verify(directory, *, label: str | None = None) -> dict:
-    """Raise `InvalidCheckpointError` naming each bad file, or return the manifest."""
+STORED_CHECKPOINT_HINT = (
+    "Load another epoch, or call resume(..., fallback=True) to use the newest good one."
+)
+LOCAL_FOLDER_HINT = (
+    "The folder changed after the checkpoint was written. Use an intact copy, or load "
+    "the checkpoint from its MLflow run."
+)
+
+
+def verify(directory, *, label: str | None = None, hint: str = STORED_CHECKPOINT_HINT) -> dict:
+    """Raise `InvalidCheckpointError` naming each bad file, or return the manifest.
+
+    `hint` ends the error message: what the user can do instead.
+    """
     problems = find_problems(directory)
     if problems:
         where = label or directory
         raise InvalidCheckpointError(
-            f"Checkpoint {where} failed verification:\n  - "
-            + "\n  - ".join(problems)
-            + "\nLoad another epoch, or call resume(..., fallback=True) to use the newest good one."
+            f"Checkpoint {where} failed verification:\n  - " + "\n  - ".join(problems) + "\n" + hint
         )
     return read_manifest(directory)

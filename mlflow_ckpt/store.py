@@ -378,7 +378,11 @@ def download(checkpoint: Checkpoint, dst_path: str | None = None, verify: bool =
             artifact_uri=checkpoint.model_uri, dst_path=dst_path
         )
     if verify:
-        manifest.verify(local, label=f"{checkpoint.model_uri} (epoch {checkpoint.epoch})")
+        manifest.verify(
+            local,
+            label=f"{checkpoint.model_uri} (epoch {checkpoint.epoch})",
+            hint=manifest.LOCAL_FOLDER_HINT if checkpoint.local_path else manifest.STORED_CHECKPOINT_HINT,
+        )
     return local
 
 

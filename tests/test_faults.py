@@ -76,6 +76,7 @@ def test_corrupt_file_fails_load_and_falls_back(tracking):
     with pytest.raises(InvalidCheckpointError) as load_error:
         mlflow_ckpt.load_checkpoint(latest)
     assert corrupted in str(load_error.value)
+    assert "fallback=True" in str(load_error.value)
 
     with pytest.raises(InvalidCheckpointError):
         mlflow_ckpt.resume(run_id)
@@ -84,6 +85,23 @@ def test_corrupt_file_fails_load_and_falls_back(tracking):
         state = mlflow_ckpt.resume(run_id, fallback=True)
     assert state.checkpoint.epoch == 1
     assert state.initial_epoch == 1
+
+
+def test_corrupt_local_folder_names_file_and_fix(local_tracking, tmp_path):
+    with mlflow.start_run() as run:
+        fit(tiny_model(), epochs=1, callbacks=[mlflow_ckpt.MlflowCheckpoint()])
+    folder = mlflow_ckpt.store.download(
+        mlflow_ckpt.latest_checkpoint(run.info.run_id), dst_path=str(tmp_path / "copy")
+    )
+    with open(os.path.join(folder, "MLmodel"), "a") as f:
+        f.write("# edited\n")
+
+    with pytest.raises(InvalidCheckpointError) as error:
+        mlflow_ckpt.load_checkpoint(folder)
+    # A folder has no other epochs to fall back to: the fix is another copy.
+    assert "MLmodel" in str(error.value)
+    assert "intact copy" in str(error.value)
+    assert "fallback" not in str(error.value)
 
 
 @pytest.mark.server
