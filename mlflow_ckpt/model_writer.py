@@ -130,11 +130,16 @@ class BackgroundWriter:
         self.shadow = shadow
         self.on_written = on_written
         self._queue = queue.Queue(maxsize=max_pending)
+        # Submitted and not yet written, the one being written included.
+        self._unwritten = 0
+        self._lock = threading.Lock()
         self._errors = []
         self._thread = threading.Thread(target=self._work, name="mlflow-ckpt-writer", daemon=True)
         self._thread.start()
 
     def submit(self, snapshot) -> None:
+        with self._lock:
+            self._unwritten += 1
         self._queue.put(snapshot)
 
     @property
@@ -143,7 +148,8 @@ class BackgroundWriter:
 
     def close(self, show_progress: bool = True) -> None:
         """Write every snapshot still in memory, then stop the thread."""
-        waiting = self._queue.qsize()
+        with self._lock:
+            waiting = self._unwritten
         if show_progress and waiting:
             print(
                 f"mlflow-ckpt: writing {waiting} checkpoint(s) to the staging folder",
@@ -159,22 +165,29 @@ class BackgroundWriter:
             snapshot = self._queue.get()
             if snapshot is None:
                 return
-            started = time.monotonic()
             try:
-                snapshot_module.write_pending(snapshot, self.shadow)
-            except Exception as error:  # noqa: BLE001 - reported, and training goes on
-                message = (
-                    f"Writing the checkpoint of run {snapshot.run_id} at epoch {snapshot.epoch} "
-                    f"failed: {type(error).__name__}: {error}"
-                )
-                self._errors.append(message)
-                _logger.error("%s. The next save point will try again.", message)
-                snapshot.discard()
-                continue
-            _logger.debug(
-                "Wrote checkpoint of run %s at epoch %d in the background (%.2f s)",
-                snapshot.run_id,
-                snapshot.epoch,
-                time.monotonic() - started,
+                self._write(snapshot)
+            finally:
+                with self._lock:
+                    self._unwritten -= 1
+
+    def _write(self, snapshot) -> None:
+        started = time.monotonic()
+        try:
+            snapshot_module.write_pending(snapshot, self.shadow)
+        except Exception as error:  # noqa: BLE001 - reported, and training goes on
+            message = (
+                f"Writing the checkpoint of run {snapshot.run_id} at epoch {snapshot.epoch} "
+                f"failed: {type(error).__name__}: {error}"
             )
-            self.on_written(snapshot)
+            self._errors.append(message)
+            _logger.error("%s. The next save point will try again.", message)
+            snapshot.discard()
+            return
+        _logger.debug(
+            "Wrote checkpoint of run %s at epoch %d in the background (%.2f s)",
+            snapshot.run_id,
+            snapshot.epoch,
+            time.monotonic() - started,
+        )
+        self.on_written(snapshot)

@@ -4,6 +4,9 @@ import json
 import os
 import random
 import re
+import threading
+import time
+import types
 
 import keras
 import mlflow
@@ -12,7 +15,7 @@ import pytest
 
 import mlflow_ckpt
 from helpers import all_weights, tiny_data, tiny_model
-from mlflow_ckpt import snapshot, training_state
+from mlflow_ckpt import model_writer, snapshot, training_state
 from mlflow_ckpt.errors import InvalidCheckpointError
 from mlflow_ckpt.model_writer import ShadowModel
 
@@ -163,3 +166,22 @@ def test_model_file_mismatch_named(tmp_path):
     with pytest.raises(InvalidCheckpointError, match=re.escape(record["path"])):
         mlflow_ckpt.load_checkpoint(staged.model_dir, model=target)
     np.testing.assert_array_equal(all_weights(target), before)
+
+
+def test_close_counts_the_snapshot_being_written(monkeypatch, capfd):
+    started = threading.Event()
+
+    def slow_write(snapshot, shadow):
+        started.set()
+        time.sleep(0.3)
+
+    monkeypatch.setattr(model_writer.snapshot_module, "write_pending", slow_write)
+    written = []
+    writer = model_writer.BackgroundWriter(shadow=None, on_written=written.append)
+    writer.submit(types.SimpleNamespace(run_id="run", epoch=1))
+    writer.submit(types.SimpleNamespace(run_id="run", epoch=2))
+    started.wait(timeout=10)
+    writer.close()
+
+    assert "writing 2 checkpoint(s)" in capfd.readouterr().err
+    assert [s.epoch for s in written] == [1, 2]
