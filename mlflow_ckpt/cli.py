@@ -465,10 +465,17 @@ def _registered_checkpoints(client, run_id: str) -> dict:
 def upload(run_id, staging_dir):
     """Commit checkpoints and metrics left in the staging folder by a crash or an outage."""
     from mlflow_ckpt.run_index import format_size
-    from mlflow_ckpt.snapshot import default_staging_dir, find_staged
+    from mlflow_ckpt.snapshot import default_staging_dir, find_staged, remove_abandoned
     from mlflow_ckpt.uploader import find_staged_metrics, upload_staged
 
     staging_dir = staging_dir or default_staging_dir()
+    removed = remove_abandoned(staging_dir, run_id)
+    if removed:
+        click.echo(
+            f"Deleted {len(removed)} incomplete checkpoint folder(s) left by processes killed "
+            "while writing them.",
+            err=True,
+        )
     snapshots = find_staged(staging_dir, run_id)
     metric_batches = find_staged_metrics(staging_dir, run_id)
     if not snapshots and not metric_batches:

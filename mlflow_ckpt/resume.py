@@ -201,10 +201,11 @@ def commit_staged(run_id: str, staging_dir: str | None = None, tracking_uri: str
     Returns:
         The `(epoch, model_id)` pairs committed.
     """
-    from mlflow_ckpt.snapshot import default_staging_dir, find_staged
+    from mlflow_ckpt.snapshot import default_staging_dir, find_staged, remove_abandoned
     from mlflow_ckpt.uploader import upload_staged
 
     staging_dir = staging_dir or default_staging_dir()
+    remove_abandoned(staging_dir, run_id)
     if not find_staged(staging_dir, run_id):
         return []
     try:

@@ -8,6 +8,9 @@ A staged snapshot is a folder `<staging_dir>/<run_id>/<snapshot_id>/` with:
 - `snapshot.json`: what the uploader needs to commit it (run, epoch, step,
   metrics), so that a snapshot left behind by a crash or an outage can still
   be uploaded later by `mlflow-ckpt upload` or the next training process.
+  It is written last, so a folder without it is incomplete.
+- `owner.json`: the host, process id and process start time of the writer,
+  so that `remove_abandoned` can delete incomplete folders of dead processes.
 """
 
 import dataclasses
@@ -15,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 import uuid
 
@@ -24,6 +28,7 @@ from mlflow_ckpt.checkpoint import MANIFEST_FILE, TRAINING_STATE_DIR
 _logger = logging.getLogger(__name__)
 
 SNAPSHOT_FILE = "snapshot.json"
+OWNER_FILE = "owner.json"
 MODEL_DIR = "model"
 
 
@@ -120,6 +125,7 @@ def write_snapshot(
     snapshot_id = uuid.uuid4().hex
     folder = os.path.join(staging_dir, run_id, f"epoch-{epoch:05d}-{snapshot_id[:8]}")
     os.makedirs(folder)
+    _write_owner(folder)
     model_dir = os.path.join(folder, MODEL_DIR)
 
     try:
@@ -264,3 +270,84 @@ def find_staged(staging_dir: str, run_id: str | None = None) -> list[Snapshot]:
             except (OSError, ValueError, TypeError) as error:
                 _logger.warning("Skipping unreadable staged snapshot %s: %s", folder, error)
     return sorted(snapshots, key=lambda s: (s.run_id, s.epoch, s.global_step))
+
+
+def remove_abandoned(staging_dir: str, run_id: str | None = None) -> list[str]:
+    """Delete the incomplete snapshot folders whose writing process has died.
+
+    A process killed while it wrote a snapshot leaves a folder without
+    `snapshot.json`, which nothing can upload. Only folders written on this
+    host by a process that no longer runs are deleted. Folders of a live
+    process, of another host, or without `owner.json` are kept.
+
+    Returns:
+        The deleted folders.
+    """
+    if not os.path.isdir(staging_dir):
+        return []
+    run_ids = [run_id] if run_id else sorted(os.listdir(staging_dir))
+    removed, removed_bytes = [], 0
+    for run in run_ids:
+        run_folder = os.path.join(staging_dir, run)
+        if not os.path.isdir(run_folder):
+            continue
+        for name in sorted(os.listdir(run_folder)):
+            folder = os.path.join(run_folder, name)
+            if os.path.exists(os.path.join(folder, SNAPSHOT_FILE)) or not _owner_is_dead(folder):
+                continue
+            removed_bytes += folder_size(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        _logger.warning(
+            "Deleted %d incomplete checkpoint folder(s) (%d bytes) that processes killed while "
+            "writing them left in %s: %s",
+            len(removed), removed_bytes, staging_dir, ", ".join(removed),
+        )
+    return removed
+
+
+def _write_owner(folder: str) -> None:
+    pid = os.getpid()
+    record = {"host": socket.gethostname(), "pid": pid, "started": _process_start_ticks(pid)}
+    with open(os.path.join(folder, OWNER_FILE), "w") as f:
+        json.dump(record, f)
+
+
+def _owner_is_dead(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, OWNER_FILE)) as f:
+            owner = json.load(f)
+        pid = int(owner["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        # The folder is being created, or an older version wrote it without an owner.
+        return False
+    if owner.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    # The process id may have been reused by a newer process.
+    started = _process_start_ticks(pid)
+    return started is not None and owner.get("started") is not None and started != owner["started"]
+
+
+def _process_start_ticks(pid: int) -> int | None:
+    """Return the start time of process `pid` in clock ticks since boot, or None off Linux."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # Fields after the command name, which may contain spaces and brackets.
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def folder_size(folder: str) -> int:
+    """Return the total size in bytes of the files under `folder`."""
+    return sum(
+        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names
+    )

@@ -57,7 +57,14 @@ from mlflow_ckpt.checkpoint import (
     TAG_STEP,
 )
 from mlflow_ckpt.errors import CheckpointError
-from mlflow_ckpt.snapshot import Snapshot, default_staging_dir, find_staged, write_snapshot_manifest
+from mlflow_ckpt.snapshot import (
+    Snapshot,
+    default_staging_dir,
+    find_staged,
+    folder_size,
+    remove_abandoned,
+    write_snapshot_manifest,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -722,6 +729,7 @@ def upload_staged(
     ```
     """
     staging_dir = staging_dir or default_staging_dir()
+    remove_abandoned(staging_dir, run_id)
     snapshots = find_staged(staging_dir, run_id)
     metrics = find_staged_metrics(staging_dir, run_id)
     tasks = [(t.run_id, t.step, 0, t) for t in metrics]
