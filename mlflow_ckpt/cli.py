@@ -333,10 +333,16 @@ def verify(ref, epoch):
 
     if failed:
         epochs = ", ".join(str(c.epoch) for c in failed)
+        if any(c.local_path for c in failed):
+            advice = "Use an intact copy of the folder, or load the checkpoint from its MLflow run."
+        else:
+            advice = (
+                "Load another epoch, or resume with fallback=True to skip the bad ones. "
+                "mlflow_ckpt.delete_checkpoint() removes a bad checkpoint from its run."
+            )
         raise UserError(
             f"{len(failed)} of {len(checkpoints)} checkpoint(s) failed verification "
-            f"(epoch {epochs}). Resume or load another epoch, or delete the bad ones with "
-            "`mlflow-ckpt prune`."
+            f"(epoch {epochs}). {advice}"
         )
     click.echo(f"All {len(checkpoints)} checkpoint(s) match their manifests.")
 

@@ -117,7 +117,9 @@ def verify(directory, *, label: str | None = None, hint: str = STORED_CHECKPOINT
     problems = find_problems(directory)
     if problems:
         where = label or directory
-        raise InvalidCheckpointError(
+        error = InvalidCheckpointError(
             f"Checkpoint {where} failed verification:\n  - " + "\n  - ".join(problems) + "\n" + hint
         )
+        error.problems = problems
+        raise error
     return read_manifest(directory)

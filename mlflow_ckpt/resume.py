@@ -63,12 +63,13 @@ class ResumeState:
     steps_into_epoch: int
     run_id: str | None
     checkpoint: Checkpoint
+    # The large fields are left out of repr(), which would print thousands of numbers.
     callback_states: dict
-    callback_arrays: dict
+    callback_arrays: dict = dataclasses.field(repr=False)
     fork: bool = False
-    random_states: dict = dataclasses.field(default_factory=dict)
-    training_state: dict = dataclasses.field(default_factory=dict)
-    metric_arrays: dict = dataclasses.field(default_factory=dict)
+    random_states: dict = dataclasses.field(default_factory=dict, repr=False)
+    training_state: dict = dataclasses.field(default_factory=dict, repr=False)
+    metric_arrays: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def restore_callbacks(self, callbacks) -> list[str]:
         """Put the saved state back into EarlyStopping, ReduceLROnPlateau and the like.
@@ -173,8 +174,12 @@ def resume(
             if not fallback:
                 raise
             errors.append(str(error))
+            # The error's own advice (fallback=True) is already being followed.
+            problems = "; ".join(getattr(error, "problems", None) or [str(error)])
             warnings.warn(
-                f"Skipping checkpoint at epoch {checkpoint.epoch}: {error}", stacklevel=2
+                f"Skipping checkpoint {checkpoint.model_uri} at epoch {checkpoint.epoch}, which "
+                f"failed verification: {problems}",
+                stacklevel=2,
             )
             continue
         return _restore_from_dir(local, checkpoint, model, custom_objects, fork)

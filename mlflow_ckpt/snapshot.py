@@ -58,9 +58,9 @@ class Snapshot:
     mode: str | None = None
     # Captured state and variables not yet written by a BackgroundWriter; never saved.
     pending: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
-    # True while no request to create this snapshot's LoggedModel has been sent,
-    # by this process or any other; never saved, so a snapshot loaded from disk
-    # (which another process may have sent) is False.
+    # True until a request to create this snapshot's LoggedModel is sent. It is
+    # never saved, so a snapshot loaded from disk is False: another process may
+    # have sent it.
     unsent: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     @property

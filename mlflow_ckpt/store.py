@@ -479,7 +479,7 @@ def _copy_weights(source, target, checkpoint: Checkpoint) -> None:
 
 
 def _model_folder(logged_model) -> str:
-    """Return the folder that holds all of `logged_model`'s files.
+    """Return the folder that contains all of `logged_model`'s files.
 
     MLflow stores a LoggedModel's files under `.../models/<model_id>/artifacts`.
     Deleting only `artifacts` leaves an empty `<model_id>` folder per deleted

@@ -197,6 +197,8 @@ class Uploader:
         self._pending_snapshots = 0
         self._stopping = False
         self._failing_since = None
+        # The `_failing_since` of the last outage that `submit_snapshot` reported.
+        self._outage_reported = None
         self._errors = []
         self._failed = []
         self._committed = []
@@ -229,8 +231,8 @@ class Uploader:
             self._raise_if_stopped()
             if self._pending_snapshots >= self.max_pending and self._failing_since is None:
                 _logger.warning(
-                    "Run %s: %d checkpoints are waiting to upload (max_pending=%d); training "
-                    "waits for one to finish before queuing epoch %d.",
+                    "Run %s: %d checkpoints are waiting to upload (max_pending=%d), so the "
+                    "checkpoint of epoch %d waits for one of them to finish.",
                     snapshot.run_id,
                     self._pending_snapshots,
                     self.max_pending,
@@ -243,7 +245,11 @@ class Uploader:
             ):
                 self._condition.wait(timeout=1.0)
             if self._pending_snapshots >= self.max_pending:
-                _logger.warning(
+                # Log the full message once per outage, and for later checkpoints only at debug level.
+                first_in_outage = self._outage_reported != self._failing_since
+                self._outage_reported = self._failing_since
+                _logger.log(
+                    logging.WARNING if first_in_outage else logging.DEBUG,
                     "Run %s: uploads are failing (%s); epoch %d waits on disk in %s with %d "
                     "other checkpoint(s) and training continues.",
                     snapshot.run_id,
@@ -308,10 +314,12 @@ class Uploader:
 
     def _progress_line(self) -> str:
         waiting = [t.snapshot for t in self._tasks if isinstance(t, _SnapshotTask)]
-        megabytes = sum(s.size_bytes for s in waiting) / 1e6
-        line = f"mlflow-ckpt: waiting for {len(waiting)} checkpoint upload(s)"
-        if megabytes:
-            line += f", {megabytes:.1f} MB"
+        # A snapshot's size is recorded when its upload starts. Until then it is read from disk.
+        size = sum(s.size_bytes or folder_size(s.folder) for s in waiting)
+        line = (
+            f"mlflow-ckpt: waiting for {len(waiting)} checkpoint upload(s), "
+            f"{run_index.format_size(size)}"
+        )
         if self._failing_since is not None and self._errors:
             line += f"; retrying after: {self._errors[-1]}"
         return line
@@ -445,8 +453,8 @@ class Uploader:
 
     def _find_or_create(self, snapshot: Snapshot):
         if snapshot.unsent:
-            # No LoggedModel of this snapshot can exist yet, so the searches that
-            # guard against duplicates are skipped: two requests per checkpoint.
+            # No LoggedModel of this snapshot can exist yet, so this skips the two
+            # searches that guard against duplicates.
             snapshot.unsent = False
             return self._create(snapshot)
         existing = self._find_existing(snapshot)

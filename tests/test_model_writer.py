@@ -168,7 +168,7 @@ def test_model_file_mismatch_named(tmp_path):
     np.testing.assert_array_equal(all_weights(target), before)
 
 
-def test_close_counts_the_snapshot_being_written(monkeypatch, capfd):
+def test_close_counts_snapshot_being_written(monkeypatch, capfd):
     started = threading.Event()
 
     def slow_write(snapshot, shadow):

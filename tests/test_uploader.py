@@ -132,7 +132,7 @@ def test_commit_completes_pending_model(local_tracking, staging):
     assert mlflow_ckpt.load_checkpoint(everything[0]).built
 
 
-def test_only_a_resent_snapshot_searches_for_duplicates(local_tracking, staging, monkeypatch):
+def test_resent_snapshot_searches_for_duplicates(local_tracking, staging, monkeypatch):
     with mlflow.start_run() as run:
         pass
     run_id, experiment_id = run.info.run_id, run.info.experiment_id
