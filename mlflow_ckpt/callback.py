@@ -8,16 +8,18 @@ import tempfile
 
 import keras
 import mlflow
+from mlflow.exceptions import MlflowException
 
 # Keras' own callbacks print through io_utils, which follows
 # keras.config.disable_interactive_logging(); there is no public alias.
 from keras.src.utils import io_utils
 
 from mlflow_ckpt import distributed, policies, snapshot, store, training_state
+from mlflow_ckpt._http_limits import short_http_limits
 from mlflow_ckpt.model_writer import BackgroundWriter, ShadowModel
 from mlflow_ckpt.checkpoint import TRAINING_STATE_DIR
 from mlflow_ckpt.preemption import SigtermWatcher, TrainingPreempted
-from mlflow_ckpt.uploader import Uploader, describe_unsent
+from mlflow_ckpt.uploader import Uploader, _one_line, describe_unsent
 
 _logger = logging.getLogger(__name__)
 
@@ -664,7 +666,20 @@ class MlflowCheckpoint(keras.callbacks.Callback):
 
     def _detach_run(self, status="FINISHED"):
         if self._started_run and mlflow.active_run() is not None:
-            mlflow.end_run(status)
+            run_id = mlflow.active_run().info.run_id
+            try:
+                # Fail fast: MLflow's default retries would hold the end of a finished
+                # fit for minutes while the server is down, then raise.
+                with short_http_limits(max_retries=2, timeout=10):
+                    mlflow.end_run(status)
+            except MlflowException as error:
+                # mlflow.end_run has already made the run inactive in this process.
+                _logger.error(
+                    "Run %s could not be marked %s, so MLflow still shows it RUNNING: %s. Once "
+                    "the tracking server is reachable, run "
+                    "`mlflow.MlflowClient().set_terminated(%r, %r)`.",
+                    run_id, status, _one_line(error), run_id, status,
+                )
         self._started_run = False
 
     # Resuming.

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import time
 
 import mlflow
 import pytest
@@ -155,6 +156,29 @@ def test_run_ends_in_outage_then_upload_staged(restartable_tracking, staging, ca
     assert metric_steps(mlflow.MlflowClient(), run_id, "loss") == [1, 2, 3, 4]
     assert find_staged(str(staging), run_id) == []
     assert find_staged_metrics(str(staging), run_id) == []
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_outage_at_end_of_own_run(restartable_tracking, staging, caplog):
+    server = restartable_tracking
+    caplog.set_level(logging.ERROR, logger="mlflow_ckpt")
+    callback = mlflow_ckpt.MlflowCheckpoint(every_n_epochs=2, flush_timeout=3)
+    started = time.monotonic()
+    # No run is active, so the callback starts one and must end it while the server is down.
+    fit(tiny_model(), epochs=4, callbacks=[ServerSwitch(server, stop_after=2), callback])
+    elapsed = time.monotonic() - started
+    run_id = callback._run.info.run_id
+    report = "\n".join(r.getMessage() for r in caplog.records)
+    server.start()
+
+    assert mlflow.active_run() is None
+    assert "set_terminated" in report
+    assert run_id in report
+    # A hang guard, not a speed target: MLflow's default retries take minutes.
+    assert elapsed < 90
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "RUNNING"
+    assert [epoch for epoch, _ in mlflow_ckpt.upload_staged(run_id=run_id)] == [2, 4]
 
 
 @pytest.fixture
