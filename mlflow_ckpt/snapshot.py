@@ -293,7 +293,10 @@ def remove_abandoned(staging_dir: str, run_id: str | None = None) -> list[str]:
             continue
         for name in sorted(os.listdir(run_folder)):
             folder = os.path.join(run_folder, name)
-            if os.path.exists(os.path.join(folder, SNAPSHOT_FILE)) or not _owner_is_dead(folder):
+            # Metric journals are files beside the snapshot folders.
+            if not os.path.isdir(folder) or os.path.exists(os.path.join(folder, SNAPSHOT_FILE)):
+                continue
+            if not _owner_is_dead(folder):
                 continue
             removed_bytes += folder_size(folder)
             shutil.rmtree(folder, ignore_errors=True)

@@ -71,12 +71,16 @@ def test_live_and_foreign_folders_kept(tmp_path):
     complete = _killed_writer_folder(staging, "epoch-00004-complete")
     with open(os.path.join(complete, snapshot.SNAPSHOT_FILE), "w") as f:
         f.write("{}")
+    journal = os.path.join(staging, RUN_ID, "metrics-epoch-00004-0123abcd.json")
+    with open(journal, "w") as f:
+        f.write("{}")
 
     removed = snapshot.remove_abandoned(staging, RUN_ID)
 
     assert removed == []
     for folder in (live, other_host, no_owner, complete):
         assert os.path.isdir(folder), folder
+    assert os.path.isfile(journal)
 
 
 def test_reused_process_id_folder_removed(tmp_path):
