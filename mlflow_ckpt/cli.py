@@ -471,7 +471,7 @@ def _registered_checkpoints(client, run_id: str) -> dict:
 def upload(run_id, staging_dir):
     """Commit checkpoints and metrics left in the staging folder by a crash or an outage."""
     from mlflow_ckpt.run_index import format_size
-    from mlflow_ckpt.snapshot import default_staging_dir, find_staged, remove_abandoned
+    from mlflow_ckpt.snapshot import default_staging_dir, find_staged, folder_size, remove_abandoned
     from mlflow_ckpt.uploader import find_staged_metrics, upload_staged
 
     staging_dir = staging_dir or default_staging_dir()
@@ -489,7 +489,7 @@ def upload(run_id, staging_dir):
         return
     click.echo(
         f"mlflow-ckpt: uploading {len(snapshots)} checkpoint(s) "
-        f"({format_size(sum(_folder_size(s.model_dir) for s in snapshots))}) and {len(metric_batches)} "
+        f"({format_size(sum(folder_size(s.model_dir) for s in snapshots))}) and {len(metric_batches)} "
         f"epoch(s) of metrics from {staging_dir}",
         err=True,
     )
@@ -498,12 +498,6 @@ def upload(run_id, staging_dir):
     for epoch, model_id in committed:
         click.echo(f"Committed epoch {epoch} as models:/{model_id}")
     click.echo(f"Uploaded {len(committed)} checkpoint(s) and {len(metric_batches)} epoch(s) of metrics.")
-
-
-def _folder_size(folder: str) -> int:
-    return sum(
-        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names
-    )
 
 
 @contextlib.contextmanager

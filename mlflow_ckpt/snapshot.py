@@ -253,22 +253,14 @@ def write_snapshot_manifest(snapshot: Snapshot) -> Snapshot:
 
 def find_staged(staging_dir: str, run_id: str | None = None) -> list[Snapshot]:
     """List the snapshots still waiting in `staging_dir`, oldest epoch first."""
-    if not os.path.isdir(staging_dir):
-        return []
-    run_ids = [run_id] if run_id else sorted(os.listdir(staging_dir))
     snapshots = []
-    for run in run_ids:
-        run_folder = os.path.join(staging_dir, run)
-        if not os.path.isdir(run_folder):
+    for folder in _staged_folders(staging_dir, run_id):
+        if not os.path.exists(os.path.join(folder, SNAPSHOT_FILE)):
             continue
-        for name in sorted(os.listdir(run_folder)):
-            folder = os.path.join(run_folder, name)
-            if not os.path.exists(os.path.join(folder, SNAPSHOT_FILE)):
-                continue
-            try:
-                snapshots.append(Snapshot.load(folder))
-            except (OSError, ValueError, TypeError) as error:
-                _logger.warning("Skipping unreadable staged snapshot %s: %s", folder, error)
+        try:
+            snapshots.append(Snapshot.load(folder))
+        except (OSError, ValueError, TypeError) as error:
+            _logger.warning("Skipping unreadable staged snapshot %s: %s", folder, error)
     return sorted(snapshots, key=lambda s: (s.run_id, s.epoch, s.global_step))
 
 
@@ -283,24 +275,16 @@ def remove_abandoned(staging_dir: str, run_id: str | None = None) -> list[str]:
     Returns:
         The deleted folders.
     """
-    if not os.path.isdir(staging_dir):
-        return []
-    run_ids = [run_id] if run_id else sorted(os.listdir(staging_dir))
     removed, removed_bytes = [], 0
-    for run in run_ids:
-        run_folder = os.path.join(staging_dir, run)
-        if not os.path.isdir(run_folder):
+    for folder in _staged_folders(staging_dir, run_id):
+        # Metric journals are files beside the snapshot folders.
+        if not os.path.isdir(folder) or os.path.exists(os.path.join(folder, SNAPSHOT_FILE)):
             continue
-        for name in sorted(os.listdir(run_folder)):
-            folder = os.path.join(run_folder, name)
-            # Metric journals are files beside the snapshot folders.
-            if not os.path.isdir(folder) or os.path.exists(os.path.join(folder, SNAPSHOT_FILE)):
-                continue
-            if not _owner_is_dead(folder):
-                continue
-            removed_bytes += folder_size(folder)
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+        if not _owner_is_dead(folder):
+            continue
+        removed_bytes += folder_size(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
     if removed:
         _logger.warning(
             "Deleted %d incomplete checkpoint folder(s) (%d bytes) that processes killed while "
@@ -308,6 +292,18 @@ def remove_abandoned(staging_dir: str, run_id: str | None = None) -> list[str]:
             len(removed), removed_bytes, staging_dir, ", ".join(removed),
         )
     return removed
+
+
+def _staged_folders(staging_dir: str, run_id: str | None):
+    """Yield every entry of the run folders in `staging_dir`, of one run or of all."""
+    if not os.path.isdir(staging_dir):
+        return
+    run_ids = [run_id] if run_id else sorted(os.listdir(staging_dir))
+    for run in run_ids:
+        run_folder = os.path.join(staging_dir, run)
+        if os.path.isdir(run_folder):
+            for name in sorted(os.listdir(run_folder)):
+                yield os.path.join(run_folder, name)
 
 
 def _write_owner(folder: str) -> None:
