@@ -346,7 +346,16 @@ def _process_start_ticks(pid: int) -> int | None:
 
 
 def folder_size(folder: str) -> int:
-    """Return the total size in bytes of the files under `folder`."""
-    return sum(
-        os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names
-    )
+    """Return the total size in bytes of the files under `folder`.
+
+    The writer thread may rename or delete files while this walks the folder, so a file that
+    is gone by the time it is measured counts as zero bytes instead of raising.
+    """
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except FileNotFoundError:
+                pass
+    return total

@@ -122,3 +122,16 @@ def test_resume_removes_killed_writer_folder(local_tracking, tmp_path):
 
     assert state.initial_epoch == 1
     assert not os.path.exists(folder)
+
+
+def test_folder_size_skips_file_renamed_during_walk(tmp_path, monkeypatch):
+    # The flush progress line measures folders that the writer thread is still renaming files in.
+    (tmp_path / "model.keras").write_bytes(b"x" * 1000)
+    real_walk = os.walk
+
+    def walk_with_vanished_file(folder):
+        for root, dirs, names in real_walk(folder):
+            yield root, dirs, names + ["snapshot.json.tmp"]
+
+    monkeypatch.setattr(snapshot.os, "walk", walk_with_vanished_file)
+    assert snapshot.folder_size(str(tmp_path)) == 1000
