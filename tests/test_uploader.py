@@ -1,5 +1,7 @@
 """The background uploader: back-pressure, progress, failures, fast-failing calls, idempotent commits."""
 
+import errno
+import os
 import threading
 import time
 
@@ -153,3 +155,42 @@ def test_resent_snapshot_searches_for_duplicates(local_tracking, staging, monkey
 
     assert searched == [2, 2]
     assert [c.epoch for c in mlflow_ckpt.list_checkpoints(run_id)] == [1, 2]
+
+
+def _stored_model_file(model_id):
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    location = mlflow.MlflowClient().get_logged_model(model_id).artifact_location
+    return os.path.join(local_file_uri_to_path(location), "data", "model.keras")
+
+
+def test_local_store_links_staged_files(local_tracking, staging):
+    with mlflow.start_run() as run:
+        pass
+    staged = _stage(tiny_model(), staging, run_id=run.info.run_id, experiment_id=run.info.experiment_id)
+    staged_inode = os.stat(os.path.join(staged.model_dir, "data", "model.keras")).st_ino
+
+    model_id = Uploader(staging_dir=str(staging)).commit(staged)
+    stored = _stored_model_file(model_id)
+
+    assert os.stat(stored).st_ino == staged_inode
+    # The staging folder is gone, so the store contains the only name of the data.
+    assert os.stat(stored).st_nlink == 1
+    assert not os.path.exists(staged.folder)
+    assert mlflow_ckpt.load_checkpoint(mlflow_ckpt.latest_checkpoint(run.info.run_id)).built
+
+
+def test_unlinkable_staging_folder_is_copied(local_tracking, staging, monkeypatch):
+    with mlflow.start_run() as run:
+        pass
+    staged = _stage(tiny_model(), staging, run_id=run.info.run_id, experiment_id=run.info.experiment_id)
+    staged_inode = os.stat(os.path.join(staged.model_dir, "data", "model.keras")).st_ino
+
+    def cross_device_link(source, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", source)
+
+    monkeypatch.setattr(os, "link", cross_device_link)
+    model_id = Uploader(staging_dir=str(staging)).commit(staged)
+
+    assert os.stat(_stored_model_file(model_id)).st_ino != staged_inode
+    assert mlflow_ckpt.load_checkpoint(mlflow_ckpt.latest_checkpoint(run.info.run_id)).built
