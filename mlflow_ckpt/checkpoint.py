@@ -10,6 +10,7 @@ TAG_KIND = "mlflow_ckpt.kind"
 KIND_CHECKPOINT = "checkpoint"
 TAG_EPOCH = "mlflow_ckpt.epoch"
 TAG_STEP = "mlflow_ckpt.global_step"
+TAG_STEPS_INTO_EPOCH = "mlflow_ckpt.steps_into_epoch"
 TAG_FORMAT = "mlflow_ckpt.format"
 TAG_SIZE = "mlflow_ckpt.size_bytes"
 TAG_SNAPSHOT_ID = "mlflow_ckpt.snapshot_id"
@@ -46,6 +47,10 @@ class Checkpoint:
             `"FAILED"` if the upload was abandoned.
         local_path: Set when the checkpoint was read from a local folder
             rather than from a tracking server.
+        steps_into_epoch: 0 for a checkpoint made at the end of epoch
+            `epoch`. Otherwise the checkpoint was made mid-epoch (by
+            `save_freq=N` or on SIGTERM), this many steps into epoch
+            `epoch + 1`, and resuming continues from that step.
     """
 
     run_id: str | None
@@ -58,6 +63,7 @@ class Checkpoint:
     size_bytes: int | None = None
     status: str = STATUS_READY
     local_path: str | None = None
+    steps_into_epoch: int = 0
 
     def __post_init__(self):
         # Freeze the metrics too, so a Checkpoint can be shared between threads.

@@ -33,10 +33,21 @@ def metric_names(checkpoints) -> list[str]:
     return sorted({name for checkpoint in checkpoints for name in checkpoint.metrics})
 
 
+def epoch_label(checkpoint) -> str:
+    """Return the epoch of `checkpoint`, with the steps taken into the next epoch if it is mid-epoch.
+
+    A checkpoint made 40 steps into epoch 3 reads `2 +40 steps`: two epochs
+    completed, then 40 steps.
+    """
+    if checkpoint.steps_into_epoch:
+        return f"{checkpoint.epoch} +{checkpoint.steps_into_epoch} steps"
+    return str(checkpoint.epoch)
+
+
 def checkpoint_cells(checkpoint, names) -> list[str]:
     """Return a checkpoint's table cells: epoch, step, status, format, size, then `names`."""
     cells = [
-        str(checkpoint.epoch),
+        epoch_label(checkpoint),
         str(checkpoint.global_step),
         checkpoint.status,
         checkpoint.format,
@@ -75,6 +86,12 @@ def render_index(run_id: str, checkpoints, monitor: str | None = None) -> str:
     ]
     if best_id:
         lines += [f"The best checkpoint by `{monitor}` is marked with *.", ""]
+    if any(checkpoint.steps_into_epoch for checkpoint in checkpoints):
+        lines += [
+            "An epoch shown as `2 +40 steps` is a mid-epoch checkpoint: two epochs completed, "
+            "then 40 steps of the third.",
+            "",
+        ]
 
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for checkpoint in reversed(checkpoints):

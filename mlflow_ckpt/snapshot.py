@@ -56,6 +56,7 @@ class Snapshot:
     created: float
     monitor: str | None = None
     mode: str | None = None
+    steps_into_epoch: int = 0
     # Captured state and variables not yet written by a BackgroundWriter; never saved.
     pending: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
     # True until a request to create this snapshot's LoggedModel is sent. It is
@@ -166,6 +167,7 @@ def write_snapshot(
         created=time.time(),
         monitor=monitor,
         mode=mode,
+        steps_into_epoch=int(steps_into_epoch),
         pending=pending,
         unsent=True,
     )
@@ -242,6 +244,7 @@ def write_snapshot_manifest(snapshot: Snapshot) -> Snapshot:
         extra={
             "epoch": snapshot.epoch,
             "global_step": snapshot.global_step,
+            "steps_into_epoch": snapshot.steps_into_epoch,
             "format": snapshot.format,
             "metrics": snapshot.metrics,
         },

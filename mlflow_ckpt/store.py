@@ -24,6 +24,7 @@ from mlflow_ckpt.checkpoint import (
     TAG_KIND,
     TAG_SIZE,
     TAG_STEP,
+    TAG_STEPS_INTO_EPOCH,
     TRAINING_STATE_DIR,
     Checkpoint,
 )
@@ -122,6 +123,7 @@ def checkpoint_from_logged_model(logged_model) -> Checkpoint | None:
         model_uri=f"models:/{logged_model.model_id}",
         size_bytes=int(size) if size is not None else None,
         status=_status_name(logged_model.status),
+        steps_into_epoch=int(tags.get(TAG_STEPS_INTO_EPOCH, 0)),
     )
 
 
@@ -263,6 +265,7 @@ def checkpoint_from_local_dir(path) -> Checkpoint:
         model_uri=os.path.abspath(path),
         size_bytes=sum(entry["size"] for entry in content["files"].values()),
         local_path=os.path.abspath(path),
+        steps_into_epoch=int(content.get("steps_into_epoch", 0)),
     )
 
 

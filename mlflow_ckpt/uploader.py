@@ -56,6 +56,7 @@ from mlflow_ckpt.checkpoint import (
     TAG_SIZE,
     TAG_SNAPSHOT_ID,
     TAG_STEP,
+    TAG_STEPS_INTO_EPOCH,
 )
 from mlflow_ckpt.errors import CheckpointError
 from mlflow_ckpt.snapshot import (
@@ -489,6 +490,7 @@ class Uploader:
                 TAG_KIND: KIND_CHECKPOINT,
                 TAG_EPOCH: str(snapshot.epoch),
                 TAG_STEP: str(snapshot.global_step),
+                TAG_STEPS_INTO_EPOCH: str(snapshot.steps_into_epoch),
                 TAG_FORMAT: snapshot.format,
                 TAG_SIZE: str(snapshot.size_bytes),
                 TAG_SNAPSHOT_ID: snapshot.snapshot_id,

@@ -39,8 +39,12 @@ def test_save_freq_steps_are_exact_multiples(local_tracking, steps_per_execution
     with mlflow.start_run() as run:
         fit(model, mlflow_ckpt.MlflowCheckpoint(save_freq=6), epochs=6)
 
-    steps = [c.global_step for c in mlflow_ckpt.list_checkpoints(run.info.run_id)]
-    assert steps == [6, 12, 18, 24]
+    checkpoints = mlflow_ckpt.list_checkpoints(run.info.run_id)
+    assert [c.global_step for c in checkpoints] == [6, 12, 18, 24]
+    # 4 steps per epoch, so step 6 is 2 steps into epoch 2. Step 12 is the last step of
+    # epoch 3, but the save comes before that epoch's validation and on_epoch_end, so it
+    # is labelled 2 epochs and 4 steps.
+    assert [(c.epoch, c.steps_into_epoch) for c in checkpoints] == [(1, 2), (2, 4), (4, 2), (5, 4)]
 
 
 def test_save_freq_unaligned_epoch_saves_next_step(local_tracking):

@@ -130,6 +130,24 @@ def test_list_json_epochs_in_order(backend, trained_run):
     assert all(record["model_uri"].startswith("models:/m-") for record in records)
 
 
+def test_list_marks_mid_epoch_checkpoint(backend):
+    mlflow.set_tracking_uri(backend.uri)
+    x, y = tiny_data()
+    with mlflow.start_run(experiment_id=backend.experiment_id) as run:
+        # 100 samples in batches of 32 make 4 steps per epoch, so step 6 is 2 steps into epoch 2.
+        tiny_model().fit(
+            x, y, epochs=2, batch_size=32, verbose=0,
+            callbacks=[mlflow_ckpt.MlflowCheckpoint(save_freq=6, save_last=False)],
+        )
+
+    table = invoke(backend, "list", run.info.run_id)
+    records = json.loads(invoke(backend, "list", run.info.run_id, "--json").stdout)
+
+    assert table.exit_code == 0, table.output
+    assert table.stdout.splitlines()[1].split()[:4] == ["1", "+2", "steps", "6"]
+    assert [(r["epoch"], r["steps_into_epoch"], r["global_step"]) for r in records] == [(1, 2, 6)]
+
+
 def test_list_unknown_run_one_line(backend):
     completed = run_executable("list", "no-such-run", tracking_uri=backend.uri)
 
