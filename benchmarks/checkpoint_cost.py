@@ -24,6 +24,7 @@ local `mlflow server` subprocess (SQLite, proxied artifacts) on 127.0.0.1.
 
     pip install -e '.[bench]'
     python benchmarks/checkpoint_cost.py [--rounds 3] [--saves 8] [--samples 9216]
+        [--stores local,server] [--intra-op-threads N]
 
 Prints one line per fit, then per configuration the median cost per
 checkpoint over all saves of all rounds, with its interquartile range, in
@@ -127,9 +128,26 @@ def main():
         help="Training samples per epoch (9,216 make epochs of about 5.5 s on 2 CPU cores).",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="Batch size.")
+    parser.add_argument(
+        "--stores", default="local,server",
+        help="Comma-separated stores to checkpoint to: local, server.",
+    )
+    parser.add_argument(
+        "--intra-op-threads", type=int, default=0,
+        help="TensorFlow threads per operation; 0 lets TensorFlow choose (one per core). "
+        "1 leaves a core idle, as when a GPU does the training.",
+    )
     args = parser.parse_args()
     if args.saves < 2:
         parser.error(f"--saves must be at least 2. Received: --saves={args.saves}")
+    stores = [store.strip() for store in args.stores.split(",") if store.strip()]
+    if not stores or set(stores) - {"local", "server"}:
+        parser.error(f"--stores accepts local and server. Received: --stores={args.stores}")
+    if args.intra_op_threads:
+        import tensorflow as tf
+
+        # Must happen before TensorFlow runs its first operation.
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
     if importlib.util.find_spec("tensorboard") is None:
         parser.error(
             "MLflow's Keras autolog needs TensorBoard, which is not installed. "
@@ -143,12 +161,13 @@ def main():
     y = rng.integers(0, CLASSES, size=args.samples)
     data = (x, y, x[:640], y[:640])
     print(f"machine: {describe_machine()}")
+    print(f"TensorFlow threads per operation: {args.intra_op_threads or 'one per core'}")
     print(f"model state (weights + optimizer): {state_megabytes(build_model()):.1f} MB")
 
-    server, server_url = start_server(root)
-    local_uri = f"sqlite:///{root / 'local.db'}"
+    server, server_url = start_server(root) if "server" in stores else (None, None)
+    uris = {"local": f"sqlite:///{root / 'local.db'}", "server": server_url}
     configurations = [("none", None)] + [
-        (kind, uri) for uri in (local_uri, server_url) for kind in ("autolog", "mlflow_ckpt")
+        (kind, uris[store]) for store in stores for kind in ("autolog", "mlflow_ckpt")
     ]
     results = {}
     try:
@@ -168,8 +187,9 @@ def main():
                     flush=True,
                 )
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
 
     print(
         f"\n{'configuration':<22} {'saves':>5} {'median ms':>10} {'IQR ms':>15}"
