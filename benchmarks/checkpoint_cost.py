@@ -44,12 +44,11 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from overhead import (  # noqa: E402 - after the path set-up
-    CLASSES,
-    INPUT_DIM,
     EpochClock,
     build_model,
     describe_machine,
     make_dataset,
+    random_data,
     start_server,
     state_megabytes,
     store_label,
@@ -57,7 +56,6 @@ from overhead import (  # noqa: E402 - after the path set-up
 
 import keras  # noqa: E402
 import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
 
 import mlflow_ckpt  # noqa: E402
 
@@ -156,10 +154,7 @@ def main():
 
     root = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-cost-"))
     os.chdir(root)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.samples, INPUT_DIM)).astype("float32")
-    y = rng.integers(0, CLASSES, size=args.samples)
-    data = (x, y, x[:640], y[:640])
+    data = random_data(args.samples, validation_samples=640)
     print(f"machine: {describe_machine()}")
     print(f"TensorFlow threads per operation: {args.intra_op_threads or 'one per core'}")
     print(f"model state (weights + optimizer): {state_megabytes(build_model()):.1f} MB")

@@ -89,6 +89,14 @@ def build_model(seed: int = 0):
     return model
 
 
+def random_data(samples: int, validation_samples: int):
+    """Return (x, y, x_val, y_val): `samples` random inputs and labels, validated on the first ones."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(samples, INPUT_DIM)).astype("float32")
+    y = rng.integers(0, CLASSES, size=samples)
+    return x, y, x[:validation_samples], y[:validation_samples]
+
+
 def state_megabytes(model) -> float:
     model.optimizer.build(model.trainable_variables)
     variables = list(model.variables) + list(model.optimizer.variables)
@@ -307,10 +315,7 @@ def main():
 
     root = Path(tempfile.mkdtemp(prefix="mlflow-ckpt-bench-"))
     os.chdir(root)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.samples, INPUT_DIM)).astype("float32")
-    y = rng.integers(0, CLASSES, size=args.samples)
-    data = (x, y, x[:512], y[:512])
+    data = random_data(args.samples, validation_samples=512)
     print(f"machine: {describe_machine()}")
     print(f"model state (weights + optimizer): {state_megabytes(build_model()):.1f} MB")
 

@@ -658,10 +658,10 @@ _CANNOT_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOP
 def link_into_local_store(repository, source_dir: str) -> bool:
     """Hard-link the files of `source_dir` into a local artifact store, instead of copying them.
 
-    Returns False, having changed nothing that a copy would not overwrite, if
-    `repository` is not a local folder or the file system cannot link the
-    staging folder to it (another device, or no hard links). The caller then
-    uploads the usual way.
+    Returns False if `repository` is not a local folder, or if the file
+    system cannot link the staging folder to it (another device, or no hard
+    links). The caller then uploads the usual way, which overwrites any links
+    made before the failure.
 
     A staged file is never written again once it is complete, and committing
     deletes the staging folder, so the store's file ends up as the only name
@@ -685,7 +685,10 @@ def link_into_local_store(repository, source_dir: str) -> bool:
     except OSError as error:
         if error.errno not in _CANNOT_LINK:
             raise
-        _logger.debug("Cannot hard-link %s into %s (%s); copying instead.", source_dir, repository.artifact_dir, error)
+        _logger.debug(
+            "Hard-linking %s into %s failed (%s), so the files are copied instead.",
+            source_dir, repository.artifact_dir, error,
+        )
         return False
     return True
 
