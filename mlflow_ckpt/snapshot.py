@@ -97,6 +97,23 @@ class Snapshot:
             pass
 
 
+def make_snapshot_folder(folder: str, attempts: int = 5) -> None:
+    """Create `folder` and its run folder, which another thread may remove.
+
+    `Snapshot.discard` on the uploader thread removes a run folder once it
+    is empty. That can happen after `makedirs` created the run folder and
+    before it created `folder` in it; then the last `mkdir` finds no parent.
+    Once `folder` exists the run folder is not empty and stays.
+    """
+    for attempt in range(attempts):
+        try:
+            os.makedirs(folder)
+            return
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+
+
 def write_snapshot(
     model,
     *,
@@ -125,7 +142,7 @@ def write_snapshot(
     started = time.monotonic()
     snapshot_id = uuid.uuid4().hex
     folder = os.path.join(staging_dir, run_id, f"epoch-{epoch:05d}-{snapshot_id[:8]}")
-    os.makedirs(folder)
+    make_snapshot_folder(folder)
     _write_owner(folder)
     model_dir = os.path.join(folder, MODEL_DIR)
 
@@ -304,9 +321,13 @@ def _staged_folders(staging_dir: str, run_id: str | None):
     run_ids = [run_id] if run_id else sorted(os.listdir(staging_dir))
     for run in run_ids:
         run_folder = os.path.join(staging_dir, run)
-        if os.path.isdir(run_folder):
-            for name in sorted(os.listdir(run_folder)):
-                yield os.path.join(run_folder, name)
+        try:
+            names = sorted(os.listdir(run_folder))
+        except (FileNotFoundError, NotADirectoryError):
+            # Not a run folder, or an uploader removed it after its last snapshot.
+            continue
+        for name in names:
+            yield os.path.join(run_folder, name)
 
 
 def _write_owner(folder: str) -> None:

@@ -710,7 +710,6 @@ def _remove_quietly(path: str) -> None:
 
 def _write_metrics_journal(staging_dir: str, task: _MetricsTask) -> str:
     folder = os.path.join(staging_dir, task.run_id)
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{METRICS_FILE_PREFIX}epoch-{task.step:05d}-{uuid.uuid4().hex[:8]}.json")
     record = {
         "run_id": task.run_id,
@@ -718,8 +717,17 @@ def _write_metrics_journal(staging_dir: str, task: _MetricsTask) -> str:
         "timestamp_ms": task.timestamp_ms,
         "metrics": task.metrics,
     }
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
+    # The uploader removes the run folder when its last snapshot is discarded,
+    # possibly between the makedirs and the open; the retry creates it again.
+    for attempt in range(5):
+        os.makedirs(folder, exist_ok=True)
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump(record, f)
+            break
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
     os.replace(path + ".tmp", path)
     return path
 
@@ -731,9 +739,12 @@ def find_staged_metrics(staging_dir: str, run_id: str | None = None) -> list:
     tasks = []
     for run in [run_id] if run_id else sorted(os.listdir(staging_dir)):
         folder = os.path.join(staging_dir, run)
-        if not os.path.isdir(folder):
+        try:
+            names = sorted(os.listdir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            # Not a run folder, or an uploader removed it after its last snapshot.
             continue
-        for name in sorted(os.listdir(folder)):
+        for name in names:
             if not (name.startswith(METRICS_FILE_PREFIX) and name.endswith(".json")):
                 continue
             path = os.path.join(folder, name)

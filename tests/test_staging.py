@@ -135,3 +135,21 @@ def test_folder_size_skips_file_renamed_during_walk(tmp_path, monkeypatch):
 
     monkeypatch.setattr(snapshot.os, "walk", walk_with_vanished_file)
     assert snapshot.folder_size(str(tmp_path)) == 1000
+
+
+def test_snapshot_folder_survives_run_folder_removed_during_makedirs(tmp_path, monkeypatch):
+    # The uploader removes an empty run folder while the training thread
+    # creates the next snapshot folder in it (a CI failure of stop 9).
+    folder = tmp_path / "staging" / "run" / "epoch-00002-abcdef12"
+    real_mkdir = os.mkdir
+    removed = []
+
+    def mkdir_racing_discard(path, mode=0o777, **kwargs):
+        if os.fspath(path) == str(folder) and not removed:
+            os.rmdir(folder.parent)
+            removed.append(True)
+        return real_mkdir(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_racing_discard)
+    snapshot.make_snapshot_folder(str(folder))
+    assert removed and folder.is_dir()

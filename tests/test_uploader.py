@@ -194,3 +194,24 @@ def test_unlinkable_staging_folder_is_copied(local_tracking, staging, monkeypatc
 
     assert os.stat(_stored_model_file(model_id)).st_ino != staged_inode
     assert mlflow_ckpt.load_checkpoint(mlflow_ckpt.latest_checkpoint(run.info.run_id)).built
+
+
+def test_metrics_journal_survives_run_folder_removed_after_makedirs(tmp_path, monkeypatch):
+    # The uploader thread may remove the empty run folder right after the
+    # training thread created it for a metrics journal.
+    from mlflow_ckpt import uploader as uploader_module
+
+    real_makedirs = os.makedirs
+    removed = []
+
+    def makedirs_racing_discard(path, *args, **kwargs):
+        real_makedirs(path, *args, **kwargs)
+        if not removed:
+            os.rmdir(path)
+            removed.append(path)
+
+    monkeypatch.setattr(os, "makedirs", makedirs_racing_discard)
+    task = uploader_module._MetricsTask("run1", {"loss": 0.5}, 3, 0)
+    path = uploader_module._write_metrics_journal(str(tmp_path), task)
+    assert removed and os.path.isfile(path)
+    assert [t.step for t in uploader_module.find_staged_metrics(str(tmp_path))] == [3]
