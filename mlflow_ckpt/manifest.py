@@ -43,15 +43,27 @@ def _versions() -> dict:
     }
 
 
-def write_manifest(directory, *, fingerprint: dict | None = None, extra: dict | None = None) -> dict:
+def write_manifest(
+    directory,
+    *,
+    fingerprint: dict | None = None,
+    extra: dict | None = None,
+    known_digests: dict | None = None,
+) -> dict:
     """Hash every file under `directory` and write `manifest.json` beside them.
+
+    Args:
+        known_digests: SHA-256 of files already hashed by their writer, by
+            relative path with `/` separators; those files are not read again.
 
     Returns:
         The manifest as a dict. Its `total_bytes` includes the manifest itself.
     """
+    known_digests = known_digests or {}
     files = {}
     for relative, path in sorted(_iter_files(directory)):
-        files[relative] = {"sha256": sha256_of(path), "size": os.path.getsize(path)}
+        digest = known_digests.get(relative) or sha256_of(path)
+        files[relative] = {"sha256": digest, "size": os.path.getsize(path)}
     manifest = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "versions": _versions(),

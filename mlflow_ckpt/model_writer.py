@@ -11,15 +11,24 @@ A snapshot in that state lives in host memory until the writer has put it on
 disk: a crash in between loses that one checkpoint, never an earlier one.
 """
 
+import copy
+import datetime
 import logging
 import os
 import queue
+import shutil
 import sys
 import threading
 import time
+import uuid
 
+from mlflow_ckpt import keras_archive
 from mlflow_ckpt import snapshot as snapshot_module
 from mlflow_ckpt import training_state
+from mlflow_ckpt.flavor.formats import _KERAS_FILE, DATA_DIR, FORMAT_KERAS
+
+MLMODEL_FILE = "MLmodel"
+_KERAS_RELATIVE = os.path.join(DATA_DIR, _KERAS_FILE)
 from mlflow_ckpt._threads import lower_current_thread_priority
 
 _logger = logging.getLogger(__name__)
@@ -50,6 +59,9 @@ class ShadowModel:
             training_state.build_optimizer(clone)
         self.model = clone
         self._check_layout(model)
+        # Set after the first `.keras` write, when a template reproduces it.
+        self._template = None
+        self._template_tried = False
 
     @classmethod
     def create(cls, model):
@@ -97,11 +109,99 @@ class ShadowModel:
                     f"the copy has variables of shapes {copy_shapes}, the model {original_shapes}"
                 )
 
+    def write(self, folder: str, arrays: dict, format: str, flavor_options: dict) -> dict:
+        """Write the MLflow model folder of `arrays` into the new `folder`.
+
+        The first `.keras` checkpoint is saved through Keras, and teaches
+        an `ArchiveTemplate` to write later ones directly.
+
+        Returns:
+            The SHA-256 of files hashed while writing, by path relative to `folder`.
+        """
+        from mlflow_ckpt.flavor import save_model
+
+        if self._template is not None and self._template.options == (format, flavor_options):
+            try:
+                return self._template.write(folder, arrays)
+            except keras_archive.TemplateMismatch as error:
+                _logger.warning("Saving checkpoints through Keras from now on: %s", error)
+                self._template = None
+                shutil.rmtree(folder, ignore_errors=True)
+        self.assign(arrays)
+        save_model(self.model, folder, format=format, **flavor_options)
+        if format == FORMAT_KERAS and not self._template_tried:
+            self._template_tried = True
+            self._template = _FolderTemplate.learn(self.model, folder, arrays, format, flavor_options)
+        return {}
+
     def assign(self, arrays: dict) -> None:
         for i, variable in enumerate(training_state._model_variables(self.model)):
             variable.assign(arrays[f"model/{i:05d}"])
         for i, variable in enumerate(training_state._optimizer_variables(self.model)):
             variable.assign(arrays[f"optimizer/{i:05d}"])
+
+
+class _FolderTemplate:
+    """Writes a checkpoint's MLflow model folder with an `ArchiveTemplate` for its `.keras` file.
+
+    The other files (environment files, input example, code) are the same
+    for every checkpoint of a training and are kept in memory; MLmodel gets
+    a new `model_uuid`, creation time and size each time.
+    """
+
+    def __init__(self, archive, options, fixed_files, mlmodel, reference_size):
+        self.archive = archive
+        self.options = options
+        self.fixed_files = fixed_files
+        self.mlmodel = mlmodel
+        self.reference_size = reference_size
+
+    @classmethod
+    def learn(cls, model, folder: str, arrays: dict, format: str, flavor_options: dict):
+        from mlflow.models import Model
+
+        keras_path = os.path.join(folder, _KERAS_RELATIVE)
+        started = time.monotonic()
+        try:
+            archive = keras_archive.ArchiveTemplate.learn(
+                model, arrays, keras_path,
+                include_optimizer=flavor_options.get("include_optimizer", True),
+            )
+        except Exception as error:  # noqa: BLE001 - the Keras path still works
+            _logger.debug("Cannot learn the .keras layout (%s: %s)", type(error).__name__, error)
+            archive = None
+        if archive is None:
+            return None
+        fixed_files = {}
+        for root, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(root, name)
+                relative = os.path.relpath(path, folder)
+                if relative not in (_KERAS_RELATIVE, MLMODEL_FILE):
+                    with open(path, "rb") as file:
+                        fixed_files[relative] = file.read()
+        _logger.debug("Learned the .keras layout of the checkpoints in %.2f s", time.monotonic() - started)
+        return cls(
+            archive, (format, dict(flavor_options)), fixed_files,
+            Model.load(os.path.join(folder, MLMODEL_FILE)), os.path.getsize(keras_path),
+        )
+
+    def write(self, folder: str, arrays: dict) -> dict:
+        keras_path = os.path.join(folder, _KERAS_RELATIVE)
+        os.makedirs(os.path.dirname(keras_path))
+        digest = self.archive.write(keras_path, arrays)
+        for relative, data in self.fixed_files.items():
+            path = os.path.join(folder, relative)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as file:
+                file.write(data)
+        mlmodel = copy.copy(self.mlmodel)
+        mlmodel.model_uuid = uuid.uuid4().hex
+        mlmodel.utc_time_created = str(datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None))
+        if mlmodel.model_size_bytes is not None:
+            mlmodel.model_size_bytes += os.path.getsize(keras_path) - self.reference_size
+        mlmodel.save(os.path.join(folder, MLMODEL_FILE))
+        return {_KERAS_RELATIVE.replace(os.sep, "/"): digest}
 
 
 def _restore_random_states(states: dict) -> None:

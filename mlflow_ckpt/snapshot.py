@@ -57,6 +57,9 @@ class Snapshot:
     monitor: str | None = None
     mode: str | None = None
     steps_into_epoch: int = 0
+    # SHA-256 of files hashed as they were written, by path relative to model/;
+    # the manifest takes them instead of reading those files again.
+    file_digests: dict = dataclasses.field(default_factory=dict)
     # Captured state and variables not yet written by a BackgroundWriter; never saved.
     pending: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
     # True until a request to create this snapshot's LoggedModel is sent. It is
@@ -196,18 +199,15 @@ def write_pending(snapshot: Snapshot, shadow=None) -> Snapshot:
     Runs on the writer thread. Marks the snapshot complete (`snapshot.json`)
     if `complete_snapshot` has already run.
     """
-    from mlflow_ckpt.flavor import save_model
-
     if snapshot.pending is None:
         return snapshot
     captured_shadow, state, arrays, flavor_options = snapshot.pending
     shadow = shadow or captured_shadow
-    shadow.assign(arrays)
     # The flavor writes into an empty folder only, and model/ already contains
     # the callback and random states that the training thread wrote.
     written = snapshot.model_dir + ".writing"
     shutil.rmtree(written, ignore_errors=True)
-    save_model(shadow.model, written, format=snapshot.format, **flavor_options)
+    snapshot.file_digests = shadow.write(written, arrays, snapshot.format, flavor_options)
     os.replace(
         os.path.join(snapshot.model_dir, TRAINING_STATE_DIR),
         os.path.join(written, TRAINING_STATE_DIR),
@@ -257,6 +257,7 @@ def write_snapshot_manifest(snapshot: Snapshot) -> Snapshot:
     state = training_state.read_state(os.path.join(model_dir, TRAINING_STATE_DIR))
     written = manifest.write_manifest(
         model_dir,
+        known_digests=snapshot.file_digests,
         fingerprint=state["fingerprint"],
         extra={
             "epoch": snapshot.epoch,

@@ -139,7 +139,7 @@ def test_folder_size_skips_file_renamed_during_walk(tmp_path, monkeypatch):
 
 def test_snapshot_folder_survives_run_folder_removed_during_makedirs(tmp_path, monkeypatch):
     # The uploader removes an empty run folder while the training thread
-    # creates the next snapshot folder in it (a CI failure of stop 9).
+    # creates the next snapshot folder in it; fit then raised FileNotFoundError.
     folder = tmp_path / "staging" / "run" / "epoch-00002-abcdef12"
     real_mkdir = os.mkdir
     removed = []
