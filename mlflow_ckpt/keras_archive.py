@@ -14,9 +14,9 @@ shadow, and the manifest then reads the file back to hash it (0.04 s). The
 (about 0.07 s of CPU), and the large copies and hashes release the GIL, so
 the training thread runs in the meantime.
 
-`ArchiveTemplate.learn` only returns a template that reproduces Keras'
-own `model.weights.h5` byte for byte, checked against a real save;
-otherwise the writer keeps saving through Keras.
+The one Keras save that `ArchiveTemplate.learn` needs has a marker array in
+each variable. A template is only returned if every dataset contains exactly
+its marker's bytes; otherwise the writer keeps saving through Keras.
 """
 
 import datetime
@@ -85,69 +85,51 @@ class ArchiveTemplate:
         )
 
     @classmethod
-    def learn(cls, shadow_model, arrays: dict, reference_path: str, include_optimizer: bool = True):
-        """Build the template of `shadow_model`'s `.keras` file, or return None.
+    def learn(cls, model, arrays: dict, scratch_path: str, include_optimizer: bool = True):
+        """Build the template of `model`'s `.keras` file, or return None.
 
-        Assigns a distinct marker value to every variable of the shadow,
-        saves it to memory with Keras, and finds each marker's dataset. The
-        template is then checked: filled with `arrays`, it must give the
-        same weights file as `reference_path`, the `.keras` file that Keras
-        wrote for those arrays.
+        Saves `model` once to `scratch_path` with markers in its variables
+        (see `assign_markers`), then deletes that file.
 
         Args:
-            shadow_model: The shadow's Keras model; its variables are
-                overwritten by markers, so assign real values afterwards.
-            arrays: The captured arrays that `reference_path` was saved from,
-                keyed as `training_state.capture` keys them.
-            reference_path: The `.keras` file of `arrays`, written by Keras.
+            model: The shadow's Keras model; its variables are overwritten
+                by markers, so assign real values before saving it again.
+            arrays: Captured arrays, keyed as `training_state.capture` keys them.
+            scratch_path: A `.keras` path to write and delete.
             include_optimizer: As passed to Keras' save.
         """
-        from mlflow_ckpt import training_state
-
-        variables = {}
-        for i, variable in enumerate(training_state._model_variables(shadow_model)):
-            variables[f"model/{i:05d}"] = variable
-        for i, variable in enumerate(training_state._optimizer_variables(shadow_model)):
-            variables[f"optimizer/{i:05d}"] = variable
-        markers = {}
-        for number, (key, variable) in enumerate(variables.items(), start=1):
-            marker = _marker(number, arrays[key].dtype)
-            if marker is None:
-                return _give_up(f"variable {variable.path} of dtype {arrays[key].dtype} cannot hold a marker")
-            variable.assign(np.full(arrays[key].shape, marker, dtype=arrays[key].dtype))
-            markers[(arrays[key].dtype.str, marker.item())] = key
-
-        marked_path = reference_path + ".markers.keras"
+        markers = assign_markers(model, arrays)
+        if markers is None:
+            return None
         try:
-            shadow_model.save(marked_path, include_optimizer=include_optimizer)
-            with zipfile.ZipFile(marked_path) as archive:
-                marked_weights = archive.read(WEIGHTS_MEMBER)
+            model.save(scratch_path, include_optimizer=include_optimizer)
+            return cls.from_marked_file(scratch_path, markers)
         finally:
-            _remove_quietly(marked_path)
+            _remove_quietly(scratch_path)
 
-        try:
-            segments, expected = _weights_segments(marked_weights, markers, arrays)
-        except TemplateMismatch as error:
-            return _give_up(str(error))
+    @classmethod
+    def from_marked_file(cls, path: str, markers: dict):
+        """Build the template from a `.keras` file saved after `assign_markers`, or return None.
 
-        with zipfile.ZipFile(reference_path) as archive:
+        Each dataset is matched to a variable by its first element, and its
+        bytes must equal the marker array's, whose values vary along the
+        array, so a dataset stored in another order or type is rejected.
+        Every byte outside the datasets is kept as Keras wrote it.
+        """
+        with zipfile.ZipFile(path) as archive:
             members = []
             for info in archive.infolist():
                 if info.compress_type != zipfile.ZIP_STORED:
                     return _give_up(f"member {info.filename} is compressed")
-                data = None if info.filename == WEIGHTS_MEMBER else archive.read(info.filename)
-                members.append((info, data))
-            reference_weights = archive.read(WEIGHTS_MEMBER)
-        if sum(data is None for _, data in members) != 1:
-            return _give_up(f"the archive has no single {WEIGHTS_MEMBER}")
-
-        template = cls(members, segments, expected)
-        produced = io.BytesIO()
-        for part in template._weights_parts(arrays):
-            produced.write(part)
-        if produced.getvalue() != reference_weights:
-            return _give_up("the rebuilt weights file differs from Keras' own")
-        return template
+                members.append((info, None if info.filename == WEIGHTS_MEMBER else archive.read(info.filename)))
+            if sum(data is None for _, data in members) != 1:
+                return _give_up(f"the archive has no single {WEIGHTS_MEMBER}")
+            weights = archive.read(WEIGHTS_MEMBER)
+        try:
+            segments, expected = _weights_segments(weights, markers)
+        except TemplateMismatch as error:
+            return _give_up(str(error))
+        return cls(members, segments, expected)
 
     def write(self, path: str, arrays: dict) -> str:
         """Write the `.keras` file of `arrays` to `path` and return its SHA-256.
@@ -188,28 +170,63 @@ class ArchiveTemplate:
             yield np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
-def _weights_segments(weights: bytes, markers: dict, arrays: dict):
-    """Split an HDF5 file saved with marker values into fixed bytes and array keys."""
+def assign_markers(model, arrays: dict):
+    """Fill every variable of `model` with a marker array and return them by key, or None.
+
+    The first element of the n-th variable's marker array is n, and the
+    others cycle through 1 to 97. Returns None if a variable's dtype cannot
+    represent those values exactly (booleans, or more variables than a float16
+    counts exactly).
+    """
+    from mlflow_ckpt import training_state
+
+    variables = {}
+    for i, variable in enumerate(training_state._model_variables(model)):
+        variables[f"model/{i:05d}"] = variable
+    for i, variable in enumerate(training_state._optimizer_variables(model)):
+        variables[f"optimizer/{i:05d}"] = variable
+    markers = {}
+    for number, (key, variable) in enumerate(variables.items(), start=1):
+        dtype, shape = arrays[key].dtype, arrays[key].shape
+        if not (_exact(number, dtype) and _exact(_MARKER_CYCLE, dtype)):
+            return _give_up(f"variable {variable.path} of dtype {dtype} cannot represent a marker")
+        cycle = np.arange(1, _MARKER_CYCLE + 1).astype(dtype)
+        marker = np.resize(cycle, int(np.prod(shape, dtype=np.int64)))
+        if marker.size:
+            marker[0] = number
+        marker = marker.reshape(shape)
+        variable.assign(marker)
+        markers[key] = marker
+    return markers
+
+
+_MARKER_CYCLE = 97
+
+
+def _weights_segments(weights: bytes, markers: dict):
+    """Split an HDF5 file saved with marker arrays into fixed bytes and array keys."""
     import h5py
 
+    by_first = {(m.dtype.str, m.reshape(-1)[0].item()): key for key, m in markers.items() if m.size}
     placed = []
 
     def visit(name, item):
-        if not isinstance(item, h5py.Dataset):
-            return
-        if item.size == 0:
+        if not isinstance(item, h5py.Dataset) or item.size == 0:
             return
         offset = item.id.get_offset()
         if offset is None or item.chunks is not None or item.compression is not None:
             raise TemplateMismatch(f"dataset {name} is not stored contiguously")
         first = item[(0,) * item.ndim] if item.ndim else item[()]
-        key = markers.get((item.dtype.str, np.asarray(first, dtype=item.dtype).item()))
+        key = by_first.get((item.dtype.str, np.asarray(first, dtype=item.dtype).item()))
         if key is None:
-            raise TemplateMismatch(f"dataset {name} holds no variable's marker")
-        array = arrays[key]
-        if item.shape != array.shape or item.id.get_storage_size() != array.nbytes:
-            raise TemplateMismatch(f"dataset {name} has shape {item.shape}, variable {key} {array.shape}")
-        placed.append((offset, array.nbytes, key))
+            raise TemplateMismatch(f"dataset {name} contains no variable marker")
+        marker = markers[key]
+        if item.shape != marker.shape or offset + marker.nbytes > len(weights):
+            raise TemplateMismatch(f"dataset {name} does not contain variable {key}")
+        stored = np.frombuffer(weights, dtype=np.uint8, count=marker.nbytes, offset=offset)
+        if not np.array_equal(stored, marker.reshape(-1).view(np.uint8)):
+            raise TemplateMismatch(f"dataset {name} does not contain the bytes of variable {key}")
+        placed.append((offset, marker.nbytes, key))
 
     with h5py.File(io.BytesIO(weights), "r") as file:
         file.visititems(visit)
@@ -223,22 +240,17 @@ def _weights_segments(weights: bytes, markers: dict, arrays: dict):
             segments.append(weights[position:offset])
         segments.append(key)
         position = offset + size
-    if position > len(weights):
-        raise TemplateMismatch("a dataset ends after the end of the file")
     if position < len(weights):
         segments.append(weights[position:])
-    expected = {key: (arrays[key].dtype, arrays[key].shape) for _, _, key in placed}
+    expected = {key: (markers[key].dtype, markers[key].shape) for _, _, key in placed}
     return segments, expected
 
 
-def _marker(number: int, dtype: np.dtype):
-    """Return `number` as a scalar of `dtype`, or None if the dtype cannot hold it exactly."""
+def _exact(number: int, dtype: np.dtype) -> bool:
+    """Return True if `dtype` represents `number` exactly."""
     if dtype.kind not in "fiu":
-        return None
-    value = np.asarray(number).astype(dtype)
-    if value.item() != number:
-        return None
-    return value
+        return False
+    return np.asarray(number).astype(dtype).item() == number
 
 
 def _fresh_metadata(data: bytes) -> bytes:

@@ -112,14 +112,21 @@ class ShadowModel:
     def write(self, folder: str, arrays: dict, format: str, flavor_options: dict) -> dict:
         """Write the MLflow model folder of `arrays` into the new `folder`.
 
-        The first `.keras` checkpoint is saved through Keras, and teaches
-        an `ArchiveTemplate` to write later ones directly.
+        Before the first `.keras` checkpoint, one Keras save of the shadow
+        with marker values teaches an `ArchiveTemplate`, which then writes
+        every checkpoint directly. Other formats, and models whose file the
+        template cannot reproduce, are saved through Keras each time.
 
         Returns:
             The SHA-256 of files hashed while writing, by path relative to `folder`.
         """
         from mlflow_ckpt.flavor import save_model
 
+        if format == FORMAT_KERAS and not self._template_tried:
+            self._template_tried = True
+            self._template = _FolderTemplate.learn(
+                self.model, folder + ".template", arrays, format, flavor_options
+            )
         if self._template is not None and self._template.options == (format, flavor_options):
             try:
                 return self._template.write(folder, arrays)
@@ -129,9 +136,6 @@ class ShadowModel:
                 shutil.rmtree(folder, ignore_errors=True)
         self.assign(arrays)
         save_model(self.model, folder, format=format, **flavor_options)
-        if format == FORMAT_KERAS and not self._template_tried:
-            self._template_tried = True
-            self._template = _FolderTemplate.learn(self.model, folder, arrays, format, flavor_options)
         return {}
 
     def assign(self, arrays: dict) -> None:
@@ -157,34 +161,42 @@ class _FolderTemplate:
         self.reference_size = reference_size
 
     @classmethod
-    def learn(cls, model, folder: str, arrays: dict, format: str, flavor_options: dict):
+    def learn(cls, model, scratch: str, arrays: dict, format: str, flavor_options: dict):
+        """Save `model` with markers into the `scratch` folder, learn from it, delete it."""
         from mlflow.models import Model
 
-        keras_path = os.path.join(folder, _KERAS_RELATIVE)
+        from mlflow_ckpt.flavor import save_model
+
         started = time.monotonic()
+        shutil.rmtree(scratch, ignore_errors=True)
         try:
-            archive = keras_archive.ArchiveTemplate.learn(
-                model, arrays, keras_path,
-                include_optimizer=flavor_options.get("include_optimizer", True),
+            markers = keras_archive.assign_markers(model, arrays)
+            if markers is None:
+                return None
+            save_model(model, scratch, format=format, **flavor_options)
+            keras_path = os.path.join(scratch, _KERAS_RELATIVE)
+            archive = keras_archive.ArchiveTemplate.from_marked_file(keras_path, markers)
+            if archive is None:
+                return None
+            fixed_files = {}
+            for root, _, names in os.walk(scratch):
+                for name in names:
+                    path = os.path.join(root, name)
+                    relative = os.path.relpath(path, scratch)
+                    if relative not in (_KERAS_RELATIVE, MLMODEL_FILE):
+                        with open(path, "rb") as file:
+                            fixed_files[relative] = file.read()
+            template = cls(
+                archive, (format, dict(flavor_options)), fixed_files,
+                Model.load(os.path.join(scratch, MLMODEL_FILE)), os.path.getsize(keras_path),
             )
-        except Exception as error:  # noqa: BLE001 - the Keras path still works
+        except Exception as error:  # noqa: BLE001 - saving through Keras still works
             _logger.debug("Cannot learn the .keras layout (%s: %s)", type(error).__name__, error)
-            archive = None
-        if archive is None:
             return None
-        fixed_files = {}
-        for root, _, names in os.walk(folder):
-            for name in names:
-                path = os.path.join(root, name)
-                relative = os.path.relpath(path, folder)
-                if relative not in (_KERAS_RELATIVE, MLMODEL_FILE):
-                    with open(path, "rb") as file:
-                        fixed_files[relative] = file.read()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         _logger.debug("Learned the .keras layout of the checkpoints in %.2f s", time.monotonic() - started)
-        return cls(
-            archive, (format, dict(flavor_options)), fixed_files,
-            Model.load(os.path.join(folder, MLMODEL_FILE)), os.path.getsize(keras_path),
-        )
+        return template
 
     def write(self, folder: str, arrays: dict) -> dict:
         keras_path = os.path.join(folder, _KERAS_RELATIVE)

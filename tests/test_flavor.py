@@ -253,3 +253,15 @@ def test_untrained_model_restores_optimizer(format, tmp_path):
     assert not [str(warning.message) for warning in caught if "Skipping variable loading" in str(warning.message)]
     assert restored.optimizer.built
     assert int(restored.optimizer.iterations.numpy()) == 0
+
+
+def test_default_environment_matches_mlflow_processing():
+    # The default files skip MLflow's installed-package check; they must
+    # still be what MLflow's own processing renders.
+    from mlflow_ckpt.flavor import save
+
+    save._default_environment_files.cache_clear()
+    try:
+        assert save._default_environment_files() == save._render_environment_files(None, None, None)
+    finally:
+        save._default_environment_files.cache_clear()

@@ -42,10 +42,10 @@ def normalized_model():
 def learned_template(model, tmp_path):
     shadow = ShadowModel.create(model)
     _, arrays = training_state.capture(model, epoch=1)
-    shadow.assign(arrays)
-    reference = str(tmp_path / "reference.keras")
-    shadow.model.save(reference)
-    return shadow, keras_archive.ArchiveTemplate.learn(shadow.model, arrays, reference)
+    scratch = tmp_path / "scratch.keras"
+    template = keras_archive.ArchiveTemplate.learn(shadow.model, arrays, str(scratch))
+    assert not scratch.exists()
+    return shadow, template
 
 
 def weights_member(path):
@@ -80,7 +80,7 @@ def test_template_writes_what_keras_writes(tmp_path):
         np.testing.assert_array_equal(restored_variable.numpy(), variable.numpy())
 
 
-def test_template_rejects_arrays_of_another_shape(tmp_path):
+def test_template_rejects_wrong_shape(tmp_path):
     model = tiny_model()
     model.fit(*tiny_data(), epochs=1, verbose=0)
     _, template = learned_template(model, tmp_path)
@@ -90,27 +90,38 @@ def test_template_rejects_arrays_of_another_shape(tmp_path):
         template.write(str(tmp_path / "bad.keras"), arrays)
 
 
-def test_template_refused_when_it_cannot_reproduce_keras(tmp_path):
+def test_marker_mismatch_rejects_template(tmp_path):
     model = tiny_model()
     model.fit(*tiny_data(), epochs=1, verbose=0)
     shadow = ShadowModel.create(model)
     _, arrays = training_state.capture(model, epoch=1)
-    shadow.assign(arrays)
-    reference = str(tmp_path / "reference.keras")
-    shadow.model.save(reference)
-    # The reference no longer holds `arrays`: the check against it must fail.
-    arrays = {key: value + 1 if value.dtype.kind == "f" else value for key, value in arrays.items()}
-    assert keras_archive.ArchiveTemplate.learn(shadow.model, arrays, reference) is None
+    markers = keras_archive.assign_markers(shadow.model, arrays)
+    marked = str(tmp_path / "marked.keras")
+    shadow.model.save(marked)
+    assert keras_archive.ArchiveTemplate.from_marked_file(marked, markers) is not None
+
+    # One value off in the middle of a kernel, as if Keras stored it in another order.
+    changed = markers["model/00000"].copy()
+    changed.reshape(-1)[5] += 1
+    assert keras_archive.ArchiveTemplate.from_marked_file(marked, {**markers, "model/00000": changed}) is None
 
 
-def test_shadow_falls_back_to_keras_after_mismatch(tmp_path):
+def test_marker_needs_exact_values():
+    model = keras.Sequential([keras.Input(shape=(2,)), keras.layers.Dense(1)])
+    arrays = {"model/00000": np.zeros((2, 1), dtype=bool), "model/00001": np.zeros((1,), dtype="float32")}
+    assert keras_archive.assign_markers(model, arrays) is None
+
+
+def test_shadow_mismatch_falls_back(tmp_path):
     model = tiny_model()
     model.fit(*tiny_data(), epochs=1, verbose=0)
     shadow = ShadowModel.create(model)
     _, arrays = training_state.capture(model, epoch=1)
-    assert shadow.write(str(tmp_path / "first"), arrays, "keras", {}) == {}
+    assert set(shadow.write(str(tmp_path / "first"), arrays, "keras", {})) == {"data/model.keras"}
     assert shadow._template is not None
-    assert set(shadow.write(str(tmp_path / "second"), arrays, "keras", {})) == {"data/model.keras"}
+    assert sorted(os.listdir(tmp_path)) == ["first"]
+    restored = keras.saving.load_model(str(tmp_path / "first" / "data" / "model.keras"))
+    np.testing.assert_array_equal(all_weights(restored), all_weights(model))
 
     arrays["model/00000"] = np.zeros((9, 16), dtype="float32")
     with pytest.raises(ValueError):
@@ -119,7 +130,7 @@ def test_shadow_falls_back_to_keras_after_mismatch(tmp_path):
     assert shadow._template is None
 
 
-def test_checkpoints_after_the_first_use_the_template(local_tracking):
+def test_checkpoints_use_template(local_tracking):
     model = tiny_model()
     x, y = tiny_data()
     with mlflow.start_run() as run:
@@ -135,9 +146,9 @@ def test_checkpoints_after_the_first_use_the_template(local_tracking):
         with open(os.path.join(folder, "MLmodel")) as file:
             mlmodel = file.read()
         assert "model_uuid" in mlmodel
-    assert flags == [False, True, True]
+    assert flags == [True, True, True]
 
-    # The template-written checkpoint verifies, loads and holds the final weights.
+    # The template-written checkpoint verifies, loads and contains the final weights.
     restored = mlflow_ckpt.load_checkpoint(checkpoints[-1].model_uri)
     np.testing.assert_array_equal(all_weights(restored), all_weights(model))
     uuids = set()
@@ -147,7 +158,7 @@ def test_checkpoints_after_the_first_use_the_template(local_tracking):
     assert len(uuids) == 3
 
 
-def test_staged_snapshot_records_digest_for_manifest(tmp_path, monkeypatch):
+def test_manifest_reuses_write_digest(tmp_path, monkeypatch):
     model = tiny_model()
     model.fit(*tiny_data(), epochs=1, verbose=0)
     shadow = ShadowModel.create(model)
@@ -160,8 +171,7 @@ def test_staged_snapshot_records_digest_for_manifest(tmp_path, monkeypatch):
         snapshot.complete_snapshot(item)
         snapshot.write_pending(item)
         staged.append(item)
-    assert staged[0].file_digests == {}
-    assert set(staged[1].file_digests) == {"data/model.keras"}
+    assert [set(item.file_digests) for item in staged] == [{"data/model.keras"}] * 2
 
     # The manifest takes the recorded digest instead of reading the file.
     hashed = []

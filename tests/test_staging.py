@@ -137,7 +137,7 @@ def test_folder_size_skips_file_renamed_during_walk(tmp_path, monkeypatch):
     assert snapshot.folder_size(str(tmp_path)) == 1000
 
 
-def test_snapshot_folder_survives_run_folder_removed_during_makedirs(tmp_path, monkeypatch):
+def test_snapshot_folder_survives_removed_parent(tmp_path, monkeypatch):
     # The uploader removes an empty run folder while the training thread
     # creates the next snapshot folder in it; fit then raised FileNotFoundError.
     folder = tmp_path / "staging" / "run" / "epoch-00002-abcdef12"

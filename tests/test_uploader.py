@@ -196,7 +196,7 @@ def test_unlinkable_staging_folder_is_copied(local_tracking, staging, monkeypatc
     assert mlflow_ckpt.load_checkpoint(mlflow_ckpt.latest_checkpoint(run.info.run_id)).built
 
 
-def test_metrics_journal_survives_run_folder_removed_after_makedirs(tmp_path, monkeypatch):
+def test_metrics_journal_survives_removed_parent(tmp_path, monkeypatch):
     # The uploader thread may remove the empty run folder right after the
     # training thread created it for a metrics journal.
     from mlflow_ckpt import uploader as uploader_module

@@ -273,8 +273,7 @@ def _default_signature(model, inputs, outputs, input_example):
 def _write_environment(path, conda_env, pip_requirements, extra_pip_requirements):
     if conda_env is None and pip_requirements is None and extra_pip_requirements is None:
         # A checkpoint callback saves the same default environment at every
-        # epoch, and MLflow compares each requirement with the installed
-        # packages (about 0.08 s a save), so the files are rendered once.
+        # epoch, so the files are rendered once.
         files = _default_environment_files()
     else:
         files = _render_environment_files(conda_env, pip_requirements, extra_pip_requirements)
@@ -291,7 +290,27 @@ def _python_env_yaml(python_env) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _default_environment_files() -> dict:
-    return _render_environment_files(None, None, None)
+    """Return the environment files of the default requirements.
+
+    MLflow's `_process_pip_requirements` checks every requirement against the
+    installed packages, and its first call in a process maps every installed
+    module to its package: about 1 s of CPU, which the first checkpoint of a
+    training paid. The default requirements are pinned to the installed
+    versions, so that check cannot fail, and they are assembled here without
+    it. `MLFLOW_LOCK_MODEL_DEPENDENCIES` still goes through MLflow.
+    """
+    from mlflow.environment_variables import MLFLOW_LOCK_MODEL_DEPENDENCIES
+    from mlflow.utils.environment import _generate_mlflow_version_pinning, _mlflow_conda_env, _PythonEnv
+
+    if MLFLOW_LOCK_MODEL_DEPENDENCIES.get():
+        return _render_environment_files(None, None, None)
+    requirements = [_generate_mlflow_version_pinning(), *get_default_pip_requirements()]
+    conda_env = _mlflow_conda_env(additional_pip_deps=requirements, install_mlflow=False)
+    return {
+        _CONDA_ENV_FILE: yaml.safe_dump(conda_env, default_flow_style=False),
+        _REQUIREMENTS_FILE: "\n".join(requirements),
+        _PYTHON_ENV_FILE: _python_env_yaml(_PythonEnv.current()),
+    }
 
 
 def _render_environment_files(conda_env, pip_requirements, extra_pip_requirements) -> dict:
