@@ -5,7 +5,10 @@ about 0.35 s for 57 MB of weights and optimizer state on a 2-core machine.
 To keep that off the training thread, the callback builds a shadow model once
 (same architecture, same compile arguments, its own optimizer). At each save
 the training thread only copies the variables to NumPy arrays, which
-`BackgroundWriter` then assigns to the shadow and writes out with the flavor.
+`BackgroundWriter` then writes out. For the `keras` format it writes the
+file directly from the arrays with a template learned from one save of the
+shadow (`keras_archive`); other formats are assigned to the shadow and saved
+through the flavor.
 
 A snapshot in that state lives in host memory until the writer has put it on
 disk: a crash in between loses that one checkpoint, never an earlier one.
