@@ -151,6 +151,9 @@ def test_checkpoints_use_template(local_tracking):
     # The template-written checkpoint verifies, loads and contains the final weights.
     restored = mlflow_ckpt.load_checkpoint(checkpoints[-1].model_uri)
     np.testing.assert_array_equal(all_weights(restored), all_weights(model))
+    # Serving loads the same file through the pyfunc flavor.
+    served = mlflow.pyfunc.load_model(checkpoints[-1].model_uri).predict(x[:5])
+    np.testing.assert_allclose(np.asarray(served), model.predict(x[:5], verbose=0), rtol=1e-5, atol=1e-6)
     uuids = set()
     for checkpoint in checkpoints:
         info = mlflow.models.get_model_info(checkpoint.model_uri)
