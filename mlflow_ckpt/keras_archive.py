@@ -4,18 +4,17 @@ Keras writes a `.keras` file as an uncompressed zip of `config.json`,
 `metadata.json` and `model.weights.h5`. In that HDF5 file every variable is
 a contiguous dataset at a fixed offset, and for one model the bytes around
 the datasets never change. So after one Keras save of the shadow model,
-later checkpoints of the same training can be written by copying those
+every checkpoint of the same training can be written by copying those
 fixed bytes and putting each variable's new array at its offset.
 
 Measured on the 57 MB benchmark model (2-core x86_64), a Keras save of the
-shadow costs about 0.1 s of CPU plus 0.02 s to assign the arrays to the
-shadow, and the manifest then reads the file back to hash it (0.04 s). The
-`ArchiveTemplate` writes the same file in one pass, hashing it on the way
-(about 0.07 s of CPU), and the large copies and hashes release the GIL, so
-the training thread runs in the meantime.
+shadow costs about 0.1 s of CPU, and assigning the arrays to the shadow
+0.02 s. The manifest then reads the file back to hash it (0.04 s). The
+`ArchiveTemplate` writes the same file in one pass and hashes it on the way
+(about 0.07 s of CPU). Its large copies and hashes release the GIL, so the
+training thread runs in the meantime.
 
-The one Keras save that `ArchiveTemplate.learn` needs has a marker array in
-each variable. A template is only returned if every dataset contains exactly
+That one Keras save has a marker array in each variable (`assign_markers`). A template is only returned if every dataset contains exactly
 its marker's bytes; otherwise the writer keeps saving through Keras.
 """
 
@@ -24,7 +23,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import zipfile
 
 import numpy as np
@@ -83,29 +81,6 @@ class ArchiveTemplate:
         self.weights_size = sum(
             len(part) if isinstance(part, bytes) else _nbytes(expected[part]) for part in segments
         )
-
-    @classmethod
-    def learn(cls, model, arrays: dict, scratch_path: str, include_optimizer: bool = True):
-        """Build the template of `model`'s `.keras` file, or return None.
-
-        Saves `model` once to `scratch_path` with markers in its variables
-        (see `assign_markers`), then deletes that file.
-
-        Args:
-            model: The shadow's Keras model; its variables are overwritten
-                by markers, so assign real values before saving it again.
-            arrays: Captured arrays, keyed as `training_state.capture` keys them.
-            scratch_path: A `.keras` path to write and delete.
-            include_optimizer: As passed to Keras' save.
-        """
-        markers = assign_markers(model, arrays)
-        if markers is None:
-            return None
-        try:
-            model.save(scratch_path, include_optimizer=include_optimizer)
-            return cls.from_marked_file(scratch_path, markers)
-        finally:
-            _remove_quietly(scratch_path)
 
     @classmethod
     def from_marked_file(cls, path: str, markers: dict):
@@ -268,10 +243,3 @@ def _nbytes(expected) -> int:
 def _give_up(reason: str):
     _logger.debug("Checkpoints are saved through Keras, not rewritten from a template: %s", reason)
     return None
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass

@@ -42,10 +42,10 @@ def normalized_model():
 def learned_template(model, tmp_path):
     shadow = ShadowModel.create(model)
     _, arrays = training_state.capture(model, epoch=1)
-    scratch = tmp_path / "scratch.keras"
-    template = keras_archive.ArchiveTemplate.learn(shadow.model, arrays, str(scratch))
-    assert not scratch.exists()
-    return shadow, template
+    markers = keras_archive.assign_markers(shadow.model, arrays)
+    marked = str(tmp_path / "marked.keras")
+    shadow.model.save(marked)
+    return shadow, keras_archive.ArchiveTemplate.from_marked_file(marked, markers)
 
 
 def weights_member(path):

@@ -296,8 +296,8 @@ def _default_environment_files() -> dict:
     installed packages, and its first call in a process maps every installed
     module to its package: about 1 s of CPU, which the first checkpoint of a
     training paid. The default requirements are pinned to the installed
-    versions, so that check cannot fail, and they are assembled here without
-    it. `MLFLOW_LOCK_MODEL_DEPENDENCIES` still goes through MLflow.
+    versions, so that check finds no mismatch in them, and they are
+    assembled here without it. `MLFLOW_LOCK_MODEL_DEPENDENCIES` still goes through MLflow.
     """
     from mlflow.environment_variables import MLFLOW_LOCK_MODEL_DEPENDENCIES
     from mlflow.utils.environment import _generate_mlflow_version_pinning, _mlflow_conda_env, _PythonEnv
