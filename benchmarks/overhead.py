@@ -9,12 +9,19 @@ Trains the same model on the same data, in one process, with:
 each against a local store (SQLite file, local artifacts) and against a local
 `mlflow server` subprocess (SQLite, proxied artifacts) on 127.0.0.1.
 
-Every round runs each configuration once, and the order rotates by one
-position per round, so each configuration runs first, second and so on
-equally often when the number of rounds is a multiple of the number of
-configurations (five by default). Before each
-fit the Keras session is cleared and garbage collected, so fits start from
-the same state.
+Every round runs each checkpointing configuration once, in an order that
+rotates by one position per round, with a baseline fit before every
+`--between` of them (two by default) and one more after the last round. So
+every checkpointing fit has a baseline fit on each side, with at most one
+other fit in between. Before each fit the Keras session is cleared and
+garbage collected, so fits start from the same state.
+
+Fits on these shared machines drift by 10 % or more over a few minutes, more
+than the effect measured, and the drift moves every configuration of a round
+together. So besides plain medians, each checkpointing fit is divided by the
+baseline linearly interpolated at its midpoint between the baseline fits
+before and after it ("bracketed"), which removes the part of the drift that
+is linear over those few minutes.
 
 The data is fed as one repeated `tf.data` pipeline per fit with tf.data's
 autotuning turned off. With NumPy arrays, or with autotuning on, TensorFlow
@@ -33,12 +40,11 @@ Two times are reported per fit:
   upload, and the background threads' competition for the CPU.
 
     pip install -e '.[bench]'
-    python benchmarks/overhead.py [--rounds 5] [--epochs 5] [--samples 40960]
+    python benchmarks/overhead.py [--rounds 4] [--epochs 5] [--samples 40960] [--between 2]
 
-Prints one line per fit, then per configuration the median of each time and
-its ratio to the baseline. The ratios are also computed within each round
-(paired with that round's baseline), and their median is printed too. The
-CPU column adds the CPU time of this process (all threads) and of the
+Prints one line per fit, then per configuration the median of each time, its
+ratio to the baseline's median ("ratio") and the median of the bracketed
+ratios ("bracketed"). The CPU column adds the CPU time of this process (all threads) and of the
 `mlflow server` during the fit, and "extra" is its difference from the
 baseline: the work that checkpointing costs, which the wall-time ratios show
 only through the noise of a shared machine.
@@ -56,6 +62,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -199,14 +206,6 @@ def timed_fit(kind: str, tracking_uri: str | None, data, epochs: int, batch_size
     return elapsed, statistics.median(steady)
 
 
-def store_label(tracking_uri: str | None) -> str:
-    if tracking_uri is None:
-        return "-"
-    if tracking_uri.startswith("http"):
-        return "server"
-    return "local"
-
-
 def cpu_seconds(pid: int) -> float:
     """Return the user + system CPU time so far of process `pid` and its descendants, from /proc.
 
@@ -256,46 +255,104 @@ def _version(package: str) -> str:
     return version(package)
 
 
-def print_summary(times: dict, baseline_key) -> None:
-    """Print medians and ratios of whole-fit and steady-epoch times per configuration."""
-    rounds = len(times[baseline_key])
-    baseline_fit = statistics.median(t[0] for t in times[baseline_key])
-    baseline_epoch = statistics.median(t[1] for t in times[baseline_key])
-    baseline_cpu = statistics.median(t[2] for t in times[baseline_key])
+class FitRecord(NamedTuple):
+    """One timed fit: its configuration, when it ran and what it cost."""
+
+    kind: str
+    store: str
+    started: float  # time.monotonic() at the start of the fit
+    fit_seconds: float
+    epoch_seconds: float
+    cpu_seconds: float  # this process and the mlflow server, during the fit
+
+    @property
+    def midpoint(self) -> float:
+        return self.started + self.fit_seconds / 2
+
+
+def bracketed_ratios(records: list, index: int) -> tuple:
+    """Divide fit `index` by the baseline interpolated at its midpoint; return (fit, epoch) ratios.
+
+    The baseline is interpolated linearly between the nearest baseline fits
+    before and after fit `index`, so drift that is linear over that span
+    cancels. With a baseline on one side only, that fit is used alone.
+    """
+    record = records[index]
+    before = next((r for r in reversed(records[:index]) if r.kind == "none"), None)
+    after = next((r for r in records[index + 1:] if r.kind == "none"), None)
+    if before is None or after is None:
+        nearest = before or after
+        return record.fit_seconds / nearest.fit_seconds, record.epoch_seconds / nearest.epoch_seconds
+    weight = (record.midpoint - before.midpoint) / (after.midpoint - before.midpoint)
+    baseline_fit = before.fit_seconds + weight * (after.fit_seconds - before.fit_seconds)
+    baseline_epoch = before.epoch_seconds + weight * (after.epoch_seconds - before.epoch_seconds)
+    return record.fit_seconds / baseline_fit, record.epoch_seconds / baseline_epoch
+
+
+def print_summary(records: list, configurations: list) -> None:
+    """Print medians, ratios and bracketed ratios of fit and steady-epoch times per configuration."""
+    baseline = [r for r in records if r.kind == "none"]
+    baseline_fit = statistics.median(r.fit_seconds for r in baseline)
+    baseline_epoch = statistics.median(r.epoch_seconds for r in baseline)
+    baseline_cpu = statistics.median(r.cpu_seconds for r in baseline)
     print(
-        f"\n{'configuration':<22} {'fit s':>8} {'ratio':>7} {'paired':>7}"
-        f" {'epoch s':>8} {'ratio':>7} {'paired':>7} {'CPU s':>7} {'extra':>7}"
+        f"\n{'configuration':<22} {'fit s':>8} {'ratio':>7} {'bracket':>7}"
+        f" {'epoch s':>8} {'ratio':>7} {'bracket':>7} {'CPU s':>7} {'extra':>7}"
     )
-    for key, values in times.items():
-        fit = statistics.median(t[0] for t in values)
-        epoch = statistics.median(t[1] for t in values)
-        paired_fit = statistics.median(
-            values[i][0] / times[baseline_key][i][0] for i in range(rounds)
-        )
-        paired_epoch = statistics.median(
-            values[i][1] / times[baseline_key][i][1] for i in range(rounds)
-        )
-        cpu = statistics.median(t[2] for t in values)
-        kind, store = key
+    for kind, store in configurations:
+        indexes = [i for i, r in enumerate(records) if (r.kind, r.store) == (kind, store)]
+        fit = statistics.median(records[i].fit_seconds for i in indexes)
+        epoch = statistics.median(records[i].epoch_seconds for i in indexes)
+        cpu = statistics.median(records[i].cpu_seconds for i in indexes)
+        if kind == "none":
+            bracket_fit = bracket_epoch = 1.0
+        else:
+            ratios = [bracketed_ratios(records, i) for i in indexes]
+            bracket_fit = statistics.median(fit_ratio for fit_ratio, _ in ratios)
+            bracket_epoch = statistics.median(epoch_ratio for _, epoch_ratio in ratios)
         print(
-            f"{kind + ' / ' + store:<22} {fit:8.2f} {fit / baseline_fit:7.3f} {paired_fit:7.3f}"
-            f" {epoch:8.2f} {epoch / baseline_epoch:7.3f} {paired_epoch:7.3f}"
+            f"{kind + ' / ' + store:<22} {fit:8.2f} {fit / baseline_fit:7.3f} {bracket_fit:7.3f}"
+            f" {epoch:8.2f} {epoch / baseline_epoch:7.3f} {bracket_epoch:7.3f}"
             f" {cpu:7.1f} {cpu - baseline_cpu:7.1f}"
         )
 
 
+def run_order(checkpointing: list, rounds: int, between: int) -> list:
+    """Return the fit order: each round's checkpointing fits, a baseline before every `between`.
+
+    The checkpointing configurations rotate by one position per round, and a
+    last baseline fit closes the final round, so every checkpointing fit has
+    a baseline on both sides.
+    """
+    baseline = ("none", "-")
+    order = []
+    for round_number in range(rounds):
+        shift = round_number % len(checkpointing)
+        rotated = checkpointing[shift:] + checkpointing[:shift]
+        for position, configuration in enumerate(rotated):
+            if position % between == 0:
+                order.append((round_number, baseline))
+            order.append((round_number, configuration))
+    order.append((rounds - 1, baseline))
+    return order
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="Fits per configuration.")
+    parser.add_argument("--rounds", type=int, default=4, help="Fits per checkpointing configuration.")
     parser.add_argument(
         "--epochs", type=int, default=5,
         help="Epochs per fit; at least 3, so that one steady-state epoch is timed.",
     )
     parser.add_argument(
         "--samples", type=int, default=40960,
-        help="Training samples per epoch (40,960 make epochs of about 13 s on 2 CPU cores).",
+        help="Training samples per epoch (40,960 made epochs of 12 s to 25 s on the 2-core machines of docs/benchmarks.md).",
     )
     parser.add_argument("--batch-size", type=int, default=64, help="Batch size.")
+    parser.add_argument(
+        "--between", type=int, default=2,
+        help="Checkpointing fits between two baseline fits; 1 brackets every fit on both sides.",
+    )
     parser.add_argument(
         "--kinds", default="autolog,mlflow_ckpt",
         help="Comma-separated checkpointing kinds to time beside the baseline: autolog, mlflow_ckpt.",
@@ -303,6 +360,8 @@ def main():
     args = parser.parse_args()
     if args.epochs < 3:
         parser.error(f"--epochs must be at least 3. Received: --epochs={args.epochs}")
+    if args.between < 1:
+        parser.error(f"--between must be at least 1. Received: --between={args.between}")
     kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
     unknown = sorted(set(kinds) - {"autolog", "mlflow_ckpt"})
     if unknown:
@@ -321,40 +380,37 @@ def main():
 
     server, server_url = start_server(root)
     local_uri = f"sqlite:///{root / 'local.db'}"
-    configurations = [("none", None)] + [
-        (kind, uri)
-        for uri in (local_uri, server_url)
+    configurations = [("none", "-")] + [
+        (kind, store)
+        for store in ("local", "server")
         for kind in ("autolog", "mlflow_ckpt")
         if kind in kinds
     ]
-    times = {}
+    uris = {"local": local_uri, "server": server_url, "-": None}
+    records = []
     try:
         # A warm-up fit loads TensorFlow's kernels so the first measured fit is not slower.
         timed_fit("none", None, data, 3, args.batch_size, str(root / "staging"))
-        for round_number in range(args.rounds):
-            shift = round_number % len(configurations)
-            for kind, uri in configurations[shift:] + configurations[:shift]:
-                store = store_label(uri)
-                # The server is a child of this process, so its time is in both trees.
-                total_before, server_before = cpu_seconds(os.getpid()), cpu_seconds(server.pid)
-                elapsed, epoch = timed_fit(kind, uri, data, args.epochs, args.batch_size, str(root / "staging"))
-                server_cpu = cpu_seconds(server.pid) - server_before
-                cpu = cpu_seconds(os.getpid()) - total_before - server_cpu
-                times.setdefault((kind, store), []).append((elapsed, epoch, cpu + server_cpu))
-                print(
-                    f"round {round_number + 1}: {kind:<12} {store:<7} fit {elapsed:7.2f} s"
-                    f"  steady epoch {epoch:6.2f} s  CPU {cpu:6.1f} s + server {server_cpu:5.1f} s",
-                    flush=True,
-                )
+        for round_number, (kind, store) in run_order(configurations[1:], args.rounds, args.between):
+            # The server is a child of this process, so its time is in both trees.
+            total_before, server_before = cpu_seconds(os.getpid()), cpu_seconds(server.pid)
+            started = time.monotonic()
+            elapsed, epoch = timed_fit(
+                kind, uris[store], data, args.epochs, args.batch_size, str(root / "staging")
+            )
+            server_cpu = cpu_seconds(server.pid) - server_before
+            cpu = cpu_seconds(os.getpid()) - total_before - server_cpu
+            records.append(FitRecord(kind, store, started, elapsed, epoch, cpu + server_cpu))
+            print(
+                f"round {round_number + 1}: {kind:<12} {store:<7} fit {elapsed:7.2f} s"
+                f"  steady epoch {epoch:6.2f} s  CPU {cpu:6.1f} s + server {server_cpu:5.1f} s",
+                flush=True,
+            )
     finally:
         server.terminate()
         server.wait(timeout=30)
 
-    # Print in a fixed order, whatever order the last round ran in.
-    ordered = {}
-    for kind, uri in configurations:
-        ordered[(kind, store_label(uri))] = times[(kind, store_label(uri))]
-    print_summary(ordered, ("none", "-"))
+    print_summary(records, configurations)
     shutil.rmtree(root, ignore_errors=True)
 
 
