@@ -237,6 +237,9 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         self._last_logs = {}
         self._last_saved_key = None
         self._logged_steps = set()
+        self._earlier_history = {}
+        # Epoch -> timestamp (ms) of the metrics this process logged for it.
+        self._metric_timestamps = {}
         self._previous_step = 0
         self._sigterm = None
         self._fast_forward = None
@@ -373,7 +376,7 @@ class MlflowCheckpoint(keras.callbacks.Callback):
             self._finish_staged()
             if self.save_last and self._last_saved_key != (self._completed_epochs, 0):
                 if self._completed_epochs > 0:
-                    self._stage(epoch=self._completed_epochs, steps_into_epoch=0, logs=self._last_logs, metrics_logged=self.log_metrics)
+                    self._stage(epoch=self._completed_epochs, steps_into_epoch=0, logs=self._last_logs)
                     self._finish_staged()
             if preempted:
                 self._save_for_preemption(self._completed_epochs, 0)
@@ -432,17 +435,25 @@ class MlflowCheckpoint(keras.callbacks.Callback):
 
     # Saving.
 
-    def _stage(self, epoch: int, steps_into_epoch: int, logs: dict, metrics_logged: bool = False):
+    def _stage(self, epoch: int, steps_into_epoch: int, logs: dict):
         if not self._is_chief:
             self._stage_and_discard(epoch, steps_into_epoch)
             return
         self._finish_staged()
         metrics = {key: value for key, value in logs.items() if _is_number(value)}
-        if metrics_logged or epoch in self._logged_steps or steps_into_epoch:
-            # The metrics of this epoch are already in the run's history; linking them
-            # again would log a second value at the same step. Mid-epoch logs are
-            # running averages of a partial epoch, not the metrics of epoch `epoch`.
+        if steps_into_epoch:
+            # Mid-epoch logs are running averages of a partial epoch, not the
+            # metrics of epoch `epoch`.
             metrics = {}
+        # A checkpoint always carries its epoch's metrics, so it can be ranked by
+        # `monitor`. The run may already have them: this process logs them before
+        # a save at the end of training or on SIGTERM, and an earlier process did
+        # for an epoch trained again with identical results. Then the same
+        # timestamp links them without adding a value to the run's history. An
+        # epoch trained again with other results gets a second value.
+        metrics_timestamp_ms = self._metric_timestamps.get(epoch)
+        if metrics_timestamp_ms is None and metrics:
+            metrics_timestamp_ms = self._earlier_timestamp(epoch, metrics)
         self._staged = snapshot.write_snapshot(
             self.model,
             shadow=self._background_shadow(),
@@ -456,6 +467,7 @@ class MlflowCheckpoint(keras.callbacks.Callback):
             monitor=self.monitor,
             mode=self.mode,
             flavor_options=self.flavor_options,
+            metrics_timestamp_ms=metrics_timestamp_ms,
         )
         self._last_saved_key = (epoch, steps_into_epoch)
         self._saved_global_step = self._staged.global_step
@@ -532,7 +544,7 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         if not self._is_chief or epoch in self._logged_steps:
             return
         metrics = {key: value for key, value in logs.items() if _is_number(value)}
-        self._uploader.submit_metrics(self._run.info.run_id, metrics, epoch)
+        self._metric_timestamps[epoch] = self._uploader.submit_metrics(self._run.info.run_id, metrics, epoch)
 
     def _report_commit(self, epoch: int, model_uri: str):
         if self.verbose:
@@ -591,8 +603,7 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         if global_step == 0 or global_step == self._saved_global_step:
             # No step since the last checkpoint (or the one resumed from): it is already safe.
             return
-        metrics_logged = self.log_metrics and not steps_into_epoch
-        self._stage(epoch=epoch, steps_into_epoch=steps_into_epoch, logs=self._last_logs, metrics_logged=metrics_logged)
+        self._stage(epoch=epoch, steps_into_epoch=steps_into_epoch, logs=self._last_logs)
         self._finish_staged()
 
     def _raise_preempted(self, epoch: int, steps_into_epoch: int, result):
@@ -653,16 +664,28 @@ class MlflowCheckpoint(keras.callbacks.Callback):
                     "mlflow_ckpt.resumed_from_epoch": str(self.resume_from.initial_epoch),
                 }
             )
-        self._logged_steps = self._steps_already_logged()
+        self._earlier_history = self._read_earlier_history()
+        self._logged_steps = set(self._earlier_history)
 
-    def _steps_already_logged(self) -> set:
-        """Return the epochs that already have metrics in this run (when continuing it)."""
+    def _read_earlier_history(self) -> dict:
+        """Return `{epoch: {timestamp_ms: {key: value}}}` for the metrics already in this run.
+
+        Empty for a new run. A continued run has the epochs of earlier processes.
+        """
         client = mlflow.MlflowClient()
-        run = client.get_run(self._run.info.run_id)
-        keys = list(run.data.metrics)
-        if not keys:
-            return set()
-        return {m.step for m in client.get_metric_history(self._run.info.run_id, keys[0])}
+        run_id = self._run.info.run_id
+        history = {}
+        for key in client.get_run(run_id).data.metrics:
+            for metric in client.get_metric_history(run_id, key):
+                history.setdefault(metric.step, {}).setdefault(metric.timestamp, {})[key] = metric.value
+        return history
+
+    def _earlier_timestamp(self, epoch: int, metrics: dict) -> int | None:
+        """Return the timestamp under which this run already has exactly `metrics` at `epoch`."""
+        for timestamp, values in self._earlier_history.get(epoch, {}).items():
+            if all(values.get(key) == float(value) for key, value in metrics.items()):
+                return timestamp
+        return None
 
     def _detach_run(self, status="FINISHED"):
         if self._started_run and mlflow.active_run() is not None:

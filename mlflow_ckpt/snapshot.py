@@ -57,6 +57,11 @@ class Snapshot:
     monitor: str | None = None
     mode: str | None = None
     steps_into_epoch: int = 0
+    # Timestamp (ms) under which `metrics` were already logged to the run, if
+    # they were. Linking them to the checkpoint with the same timestamp adds
+    # no second value to the run's history, because MLflow's SQL store skips
+    # a metric identical in key, value, step and timestamp.
+    metrics_timestamp_ms: int | None = None
     # SHA-256 of files hashed as they were written, by path relative to model/;
     # the manifest takes them instead of reading those files again.
     file_digests: dict = dataclasses.field(default_factory=dict)
@@ -131,6 +136,7 @@ def write_snapshot(
     mode: str | None = None,
     flavor_options: dict | None = None,
     shadow=None,
+    metrics_timestamp_ms: int | None = None,
 ) -> Snapshot:
     """Save `model` and its variables into a new staging folder.
 
@@ -188,6 +194,7 @@ def write_snapshot(
         monitor=monitor,
         mode=mode,
         steps_into_epoch=int(steps_into_epoch),
+        metrics_timestamp_ms=metrics_timestamp_ms,
         pending=pending,
         unsent=True,
     )

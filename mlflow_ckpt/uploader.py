@@ -210,8 +210,12 @@ class Uploader:
 
     # Training-thread side.
 
-    def submit_metrics(self, run_id: str, metrics: dict, step: int) -> None:
-        """Queue one epoch's metrics, journaled to the staging folder first."""
+    def submit_metrics(self, run_id: str, metrics: dict, step: int) -> int:
+        """Queue one epoch's metrics, journaled to the staging folder first.
+
+        Returns:
+            The timestamp, in milliseconds, that the metrics are logged with.
+        """
         task = _MetricsTask(run_id, {k: float(v) for k, v in metrics.items()}, int(step), int(time.time() * 1000))
         if self.staging_dir:
             task.journal_path = _write_metrics_journal(self.staging_dir, task)
@@ -219,6 +223,7 @@ class Uploader:
             self._raise_if_stopped()
             self._tasks.append(task)
             self._condition.notify_all()
+        return task.timestamp_ms
 
     def submit_snapshot(self, snapshot: Snapshot) -> None:
         """Queue a staged snapshot.
@@ -555,10 +560,12 @@ class Uploader:
             raise
 
     def _link_metrics(self, model_id: str, snapshot: Snapshot) -> None:
-        # The timestamp is the snapshot's, fixed at staging, so a retry logs
-        # identical values and the SQL store keeps a single copy.
+        # The timestamp is fixed at staging, so a retry logs identical values and
+        # the SQL store keeps a single copy. Metrics that the callback already
+        # logged to the run keep that timestamp, for the same reason.
+        timestamp_ms = snapshot.metrics_timestamp_ms or int(snapshot.created * 1000)
         metrics = [
-            Metric(key, float(value), int(snapshot.created * 1000), snapshot.epoch, model_id=model_id)
+            Metric(key, float(value), timestamp_ms, snapshot.epoch, model_id=model_id)
             for key, value in snapshot.metrics.items()
         ]
         if metrics:

@@ -104,6 +104,21 @@ def test_checkpoint_links_epoch_metrics(local_tracking):
     assert checkpoint.metrics["val_loss"] == linked["val_loss"].value
 
 
+def test_save_last_checkpoint_links_metrics(local_tracking):
+    model = tiny_model()
+    with mlflow.start_run() as run:
+        fit(model, mlflow_ckpt.MlflowCheckpoint(every_n_epochs=2, save_last=True), epochs=5)
+
+    last = mlflow_ckpt.latest_checkpoint(run.info.run_id)
+    assert last.epoch == 5
+    assert "val_loss" in last.metrics
+    # The epoch was logged once by on_epoch_end; linking it to the checkpoint
+    # reuses that value instead of adding a second one.
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
+    assert last.metrics["val_loss"] == next(m.value for m in history if m.step == 5)
+
+
 def test_every_epoch_logged_once(local_tracking):
     model = tiny_model()
     with mlflow.start_run() as run:

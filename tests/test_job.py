@@ -98,5 +98,11 @@ def test_resume_entry_point_continues_run(finished_run, job_tracking):
     )
 
     assert f"Run {run_id}" in output
+    # Epochs 6 to 10 were trained again with identical results, so the
+    # history keeps one value per epoch, and the new epoch-10 checkpoint
+    # is linked to the existing one.
     history = mlflow.MlflowClient().get_metric_history(run_id, "val_loss")
     assert sorted(m.step for m in history) == list(range(1, 11))
+    latest = mlflow_ckpt.latest_checkpoint(run_id)
+    assert latest.epoch == 10
+    assert latest.metrics["val_loss"] == next(m.value for m in history if m.step == 10)

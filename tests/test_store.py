@@ -151,6 +151,30 @@ def test_resume_continues_same_run(tracking):
     assert mlflow.MlflowClient().get_run(run_id).info.status == "FINISHED"
 
 
+def test_retrained_epoch_checkpoint_has_metrics(tracking):
+    run_id, _ = train_run(3, every_n_epochs=1)
+    first_attempt = mlflow_ckpt.list_checkpoints(run_id)[-1]
+
+    state = mlflow_ckpt.resume(run_id, epoch=2)
+    # A different learning rate makes epoch 3 differ from the first attempt.
+    state.model.optimizer.learning_rate.assign(0.5)
+    x, y = tiny_data()
+    state.model.fit(
+        x, y, epochs=3, initial_epoch=state.initial_epoch, batch_size=32, verbose=0,
+        validation_data=(x[:20], y[:20]),
+        callbacks=[mlflow_ckpt.MlflowCheckpoint(every_n_epochs=1, resume_from=state)],
+    )
+
+    retrained = mlflow_ckpt.latest_checkpoint(run_id)
+    assert retrained.epoch == 3
+    assert retrained.model_id != first_attempt.model_id
+    assert "val_loss" in retrained.metrics
+    history = mlflow.MlflowClient().get_metric_history(run_id, "val_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 3]
+    newest_at_3 = max((m for m in history if m.step == 3), key=lambda m: m.timestamp)
+    assert retrained.metrics["val_loss"] == newest_at_3.value
+
+
 def test_run_index_lists_checkpoints(tracking, tmp_path):
     run_id, _ = train_run(2, every_n_epochs=1)
 
