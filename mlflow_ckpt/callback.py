@@ -113,8 +113,9 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         staging_dir: Local folder for checkpoints waiting to upload. Defaults
             to `$MLFLOW_CKPT_STAGING_DIR` or `~/.cache/mlflow-ckpt/staging`.
         max_pending: Most checkpoints waiting to upload before training waits.
-        flush_timeout: Seconds to wait for uploads at the end of training
-            (None waits until done). What is not uploaded by then stays in the
+        flush_timeout: Seconds to wait for uploads at the end of training.
+            None waits until they are done, or until they have failed without
+            a break for 2 minutes. What is not uploaded by then stays in the
             staging folder, and a warning says how to upload it.
         save_on_sigterm: While `fit` runs, handle SIGTERM (what schedulers and
             preemptible VMs send before killing a process): save a checkpoint

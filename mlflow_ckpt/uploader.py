@@ -32,6 +32,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import sys
 import threading
 import time
@@ -833,9 +834,13 @@ def describe_unsent(result: FlushResult, staging_dir: str, run_id: str) -> str:
     if result.unsent_metrics:
         parts.append(f"{result.unsent_metrics} epoch(s) of metrics")
     folder = os.path.join(staging_dir, run_id)
+    command = (
+        f"mlflow-ckpt upload --staging-dir {shlex.quote(staging_dir)} --run-id {shlex.quote(run_id)}"
+    )
+    # The tracking URI is not printed because it may contain credentials.
     return (
         f"{' and '.join(parts)} of run {run_id} were not uploaded and are kept in {folder}. "
         f"Once the tracking server is reachable, send them with "
         f"`mlflow_ckpt.upload_staged(staging_dir={staging_dir!r}, run_id={run_id!r})` "
-        f"or `mlflow-ckpt upload`."
+        f"or `{command}`, with MLFLOW_TRACKING_URI set as it was for training."
     )

@@ -146,6 +146,7 @@ def test_run_ends_in_outage_then_upload_staged(restartable_tracking, staging, ca
 
     assert str(staging / run_id) in report
     assert "upload_staged" in report
+    assert f"mlflow-ckpt upload --staging-dir {staging} --run-id {run_id}" in report
     assert [s.epoch for s in find_staged(str(staging), run_id)] == [2, 4]
     assert [t.step for t in find_staged_metrics(str(staging), run_id)] == [3]
 
