@@ -32,12 +32,14 @@ _FAIL_FAST_COMMANDS = {"list", "show", "verify", "promote", "prune", "upload"}
 _PROGRESS_MIN_FILE_BYTES = 1 << 20
 
 # Phrases in MLflow's error message when the HTTP connection itself failed.
+# Matched in this order against the lowercased message, so the first that
+# matches names the cause.
 _UNREACHABLE_MARKERS = {
-    "Connection refused": "connection refused",
-    "Failed to establish a new connection": "connection failed",
-    "Name or service not known": "unknown host name",
+    "connection refused": "connection refused",
+    "name or service not known": "unknown host name",
+    "failed to establish a new connection": "connection failed",
     "timed out": "timed out",
-    "Max retries exceeded": "no answer",
+    "max retries exceeded": "no answer",
 }
 
 
@@ -76,8 +78,9 @@ def _one_line(error: BaseException) -> str:
 
 
 def _unreachable_reason(message: str) -> str | None:
+    lowered = message.lower()
     for marker, reason in _UNREACHABLE_MARKERS.items():
-        if marker in message:
+        if marker in lowered:
             return reason
     return None
 
@@ -489,15 +492,18 @@ def upload(run_id, staging_dir):
         return
     click.echo(
         f"mlflow-ckpt: uploading {len(snapshots)} checkpoint(s) "
-        f"({format_size(sum(folder_size(s.model_dir) for s in snapshots))}) and {len(metric_batches)} "
-        f"epoch(s) of metrics from {staging_dir}",
+        f"({format_size(sum(folder_size(s.model_dir) for s in snapshots))}) and the metrics of "
+        f"{len(metric_batches)} epoch(s) without a checkpoint from {staging_dir}",
         err=True,
     )
     with _user_errors(), _progress_logging("mlflow_ckpt.uploader"):
         committed = upload_staged(staging_dir=staging_dir, run_id=run_id)
     for epoch, model_id in committed:
         click.echo(f"Committed epoch {epoch} as models:/{model_id}")
-    click.echo(f"Uploaded {len(committed)} checkpoint(s) and {len(metric_batches)} epoch(s) of metrics.")
+    click.echo(
+        f"Uploaded {len(committed)} checkpoint(s) with their epochs' metrics, and the metrics "
+        f"of {len(metric_batches)} epoch(s) without a checkpoint."
+    )
 
 
 @contextlib.contextmanager
@@ -507,15 +513,18 @@ def _progress_logging(logger_name: str):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("mlflow-ckpt: %(message)s"))
     handler.setLevel(logging.INFO)
-    previous_level = logger.level
+    previous_level, previous_propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
+    # The root handler that `cli` sets up would print each line a second time.
+    logger.propagate = False
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
+        logger.propagate = previous_propagate
 
 
 @cli.command()

@@ -81,9 +81,9 @@ def get_run(run_id: str, client: MlflowClient | None = None):
             ) from error
         if _is_unreachable(error):
             raise CheckpointError(
-                f"Tracking server {mlflow.get_tracking_uri()!r} is unreachable (connection "
-                f"refused or timed out) while looking up run {run_id!r}. Start the server, "
-                "or point MLFLOW_TRACKING_URI at one that is running."
+                f"Tracking server {mlflow.get_tracking_uri()!r} is unreachable "
+                f"({_unreachable_cause(error)}) while looking up run {run_id!r}. Start the "
+                "server, or point MLFLOW_TRACKING_URI at one that is running."
             ) from error
         raise
 
@@ -94,6 +94,15 @@ def _is_unreachable(error: MlflowException) -> bool:
         marker in text
         for marker in ("Max retries exceeded", "Connection refused", "Failed to establish a new connection")
     )
+
+
+def _unreachable_cause(error: MlflowException) -> str:
+    text = str(error)
+    if "Connection refused" in text:
+        return "connection refused"
+    if "timed out" in text or "Timeout" in text:
+        return "timed out"
+    return "no answer"
 
 
 def _first_line(error: Exception) -> str:

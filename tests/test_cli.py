@@ -176,6 +176,8 @@ def test_dead_server_fails_fast():
     assert len(completed.stderr.strip().splitlines()) == 1, completed.stderr
     assert "Cannot reach the MLflow tracking server" in completed.stderr
     assert dead_url in completed.stderr
+    # Nothing listens on the port, so the connection is refused rather than timed out.
+    assert "(connection refused)" in completed.stderr
     assert elapsed < 30, f"took {elapsed:.1f} s"
 
 
@@ -410,6 +412,29 @@ def test_upload_commits_staged_snapshot(backend, tmp_path):
     assert f"Committed epoch 7 as {checkpoints[0].model_uri}" in result.stdout
     assert "uploading 1 checkpoint(s)" in result.stderr
     assert snapshot.find_staged(str(tmp_path / "left-behind")) == []
+
+
+def test_upload_prints_progress_once(backend, tmp_path):
+    client = mlflow.MlflowClient(backend.uri)
+    run = client.create_run(backend.experiment_id)
+    model = tiny_model()
+    model.fit(*tiny_data(), epochs=1, verbose=0)
+    staged = snapshot.write_snapshot(
+        model, staging_dir=str(tmp_path / "left-behind"), run_id=run.info.run_id,
+        experiment_id=backend.experiment_id, epoch=3, steps_into_epoch=0,
+        metrics={"loss": 0.5}, format="keras",
+    )
+    snapshot.complete_snapshot(staged)
+
+    completed = run_executable(
+        "upload", "--staging-dir", str(tmp_path / "left-behind"), tracking_uri=backend.uri
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    # The uploader's INFO log is the progress line; the root logger must not repeat it.
+    progress = [line for line in completed.stderr.splitlines() if "Committed checkpoint" in line]
+    assert len(progress) == 1, completed.stderr
+    assert progress[0].startswith("mlflow-ckpt: ")
 
 
 def test_upload_nothing_staged(backend, tmp_path):
