@@ -521,9 +521,11 @@ class Uploader:
         else:
             from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+            # The same repository uploads and verifies. MlflowClient.log_model_artifacts
+            # would first fetch the LoggedModel again, one more request per checkpoint.
             repository = get_artifact_repository(logged_model.artifact_location)
             if not link_into_local_store(repository, snapshot.model_dir):
-                self._client.log_model_artifacts(logged_model.model_id, snapshot.model_dir)
+                repository.log_artifacts(snapshot.model_dir)
             self._verify_upload(repository, logged_model, snapshot)
             self._link_metrics(logged_model.model_id, snapshot)
             self._client.finalize_logged_model(logged_model.model_id, STATUS_READY)
