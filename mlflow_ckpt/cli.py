@@ -31,17 +31,6 @@ _FAIL_FAST_COMMANDS = {"list", "show", "verify", "promote", "prune", "upload"}
 # for the last file, so large checkpoints show movement and small ones stay quiet.
 _PROGRESS_MIN_FILE_BYTES = 1 << 20
 
-# Phrases in MLflow's error message when the HTTP connection itself failed.
-# Matched in this order against the lowercased message, so the first that
-# matches names the cause.
-_UNREACHABLE_MARKERS = {
-    "connection refused": "connection refused",
-    "name or service not known": "unknown host name",
-    "failed to establish a new connection": "connection failed",
-    "timed out": "timed out",
-    "max retries exceeded": "no answer",
-}
-
 
 class UserError(click.ClickException):
     """An error caused by the user's input or setup: printed as one line, exit code 1."""
@@ -77,14 +66,6 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(message).split())
 
 
-def _unreachable_reason(message: str) -> str | None:
-    lowered = message.lower()
-    for marker, reason in _UNREACHABLE_MARKERS.items():
-        if marker in lowered:
-            return reason
-    return None
-
-
 @contextlib.contextmanager
 def _user_errors():
     """Turn mlflow-ckpt, MLflow and file errors raised inside the block into one-line CLI errors."""
@@ -94,7 +75,9 @@ def _user_errors():
         yield
     except (MlflowException, ValueError, OSError) as error:
         message = _one_line(error)
-        reason = _unreachable_reason(message) if isinstance(error, MlflowException) else None
+        from mlflow_ckpt.store import unreachable_reason
+
+        reason = unreachable_reason(message) if isinstance(error, MlflowException) else None
         if reason:
             import mlflow
 

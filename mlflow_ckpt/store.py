@@ -80,10 +80,11 @@ def get_run(run_id: str, client: MlflowClient | None = None):
                 "that stores it."
             ) from error
         if _is_unreachable(error):
+            reason = unreachable_reason(str(error)) or "no answer"
             raise CheckpointError(
-                f"Tracking server {mlflow.get_tracking_uri()!r} is unreachable "
-                f"({_unreachable_cause(error)}) while looking up run {run_id!r}. Start the "
-                "server, or point MLFLOW_TRACKING_URI at one that is running."
+                f"Tracking server {mlflow.get_tracking_uri()!r} is unreachable ({reason}) "
+                f"while looking up run {run_id!r}. Start the server, or point "
+                "MLFLOW_TRACKING_URI at one that is running."
             ) from error
         raise
 
@@ -96,13 +97,25 @@ def _is_unreachable(error: MlflowException) -> bool:
     )
 
 
-def _unreachable_cause(error: MlflowException) -> str:
-    text = str(error)
-    if "Connection refused" in text:
-        return "connection refused"
-    if "timed out" in text or "Timeout" in text:
-        return "timed out"
-    return "no answer"
+# Phrases in MLflow's error message when the HTTP connection itself failed.
+# Matched in this order against the lowercased message, so the first that
+# matches names the cause.
+_UNREACHABLE_MARKERS = {
+    "connection refused": "connection refused",
+    "name or service not known": "unknown host name",
+    "failed to establish a new connection": "connection failed",
+    "timed out": "timed out",
+    "max retries exceeded": "no answer",
+}
+
+
+def unreachable_reason(message: str) -> str | None:
+    """Return why an HTTP request in `message` could not reach the server, or None."""
+    lowered = message.lower()
+    for marker, reason in _UNREACHABLE_MARKERS.items():
+        if marker in lowered:
+            return reason
+    return None
 
 
 def _first_line(error: Exception) -> str:

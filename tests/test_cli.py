@@ -392,17 +392,22 @@ def test_prune_running_run_rejected(backend):
 # upload
 
 
-def test_upload_commits_staged_snapshot(backend, tmp_path):
-    client = mlflow.MlflowClient(backend.uri)
-    run = client.create_run(backend.experiment_id)
+def stage_left_behind(backend: Backend, folder, epoch: int):
+    """Stage one complete checkpoint of a new run in `folder`, as a crash leaves it; return the run."""
+    run = mlflow.MlflowClient(backend.uri).create_run(backend.experiment_id)
     model = tiny_model()
     model.fit(*tiny_data(), epochs=1, verbose=0)
     staged = snapshot.write_snapshot(
-        model, staging_dir=str(tmp_path / "left-behind"), run_id=run.info.run_id,
-        experiment_id=backend.experiment_id, epoch=7, steps_into_epoch=0,
+        model, staging_dir=str(folder), run_id=run.info.run_id,
+        experiment_id=backend.experiment_id, epoch=epoch, steps_into_epoch=0,
         metrics={"loss": 0.5}, format="keras",
     )
     snapshot.complete_snapshot(staged)
+    return run
+
+
+def test_upload_commits_staged_snapshot(backend, tmp_path):
+    run = stage_left_behind(backend, tmp_path / "left-behind", epoch=7)
 
     result = invoke(backend, "upload", "--staging-dir", str(tmp_path / "left-behind"))
 
@@ -415,16 +420,7 @@ def test_upload_commits_staged_snapshot(backend, tmp_path):
 
 
 def test_upload_prints_progress_once(backend, tmp_path):
-    client = mlflow.MlflowClient(backend.uri)
-    run = client.create_run(backend.experiment_id)
-    model = tiny_model()
-    model.fit(*tiny_data(), epochs=1, verbose=0)
-    staged = snapshot.write_snapshot(
-        model, staging_dir=str(tmp_path / "left-behind"), run_id=run.info.run_id,
-        experiment_id=backend.experiment_id, epoch=3, steps_into_epoch=0,
-        metrics={"loss": 0.5}, format="keras",
-    )
-    snapshot.complete_snapshot(staged)
+    stage_left_behind(backend, tmp_path / "left-behind", epoch=3)
 
     completed = run_executable(
         "upload", "--staging-dir", str(tmp_path / "left-behind"), tracking_uri=backend.uri
