@@ -1,7 +1,6 @@
 """`MlflowCheckpoint`: the Keras callback that logs checkpoints into the active MLflow run."""
 
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -17,7 +16,6 @@ from keras.src.utils import io_utils
 from mlflow_ckpt import distributed, policies, snapshot, store, training_state
 from mlflow_ckpt._http_limits import short_http_limits
 from mlflow_ckpt.model_writer import BackgroundWriter, ShadowModel
-from mlflow_ckpt.checkpoint import TRAINING_STATE_DIR
 from mlflow_ckpt.preemption import SigtermWatcher, TrainingPreempted
 from mlflow_ckpt.uploader import Uploader, _one_line, describe_unsent
 
@@ -505,11 +503,9 @@ class MlflowCheckpoint(keras.callbacks.Callback):
         if self._staged is None:
             return
         staged, self._staged = self._staged, None
-        random_states = self._staged_random_states or training_state.capture_random_states()
-        training_state.write_random_states(
-            os.path.join(staged.model_dir, TRAINING_STATE_DIR), random_states
+        snapshot.complete_snapshot(
+            staged, self._callbacks_to_capture(), random_states=self._staged_random_states
         )
-        snapshot.complete_snapshot(staged, self._callbacks_to_capture())
         if staged.pending is not None:
             self._writer.submit(staged)
         else:

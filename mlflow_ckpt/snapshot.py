@@ -211,7 +211,7 @@ def write_pending(snapshot: Snapshot, shadow=None) -> Snapshot:
     captured_shadow, state, arrays, flavor_options = snapshot.pending
     shadow = shadow or captured_shadow
     # The flavor writes into an empty folder only, and model/ already contains
-    # the callback and random states that the training thread wrote.
+    # the loop state (callbacks, random states) that the training thread wrote.
     written = snapshot.model_dir + ".writing"
     shutil.rmtree(written, ignore_errors=True)
     snapshot.file_digests = shadow.write(written, arrays, snapshot.format, flavor_options)
@@ -238,13 +238,18 @@ def _training_state_format(format: str, flavor_options: dict | None) -> str | No
     return format
 
 
-def complete_snapshot(snapshot: Snapshot, callbacks=()) -> Snapshot:
-    """Add the callback states, then mark the snapshot ready to upload.
+def complete_snapshot(snapshot: Snapshot, callbacks=(), random_states: dict | None = None) -> Snapshot:
+    """Add the callbacks' state and the random states, then mark the snapshot ready to upload.
 
-    The manifest is left to `write_snapshot_manifest`, which the upload
-    worker calls, so hashing the files does not block training.
+    `random_states` (from `training_state.capture_random_states`) defaults to
+    the current ones. The manifest is left to `write_snapshot_manifest`, which
+    the upload worker calls, so hashing the files does not block training.
     """
-    training_state.write_callbacks(os.path.join(snapshot.model_dir, TRAINING_STATE_DIR), callbacks)
+    if random_states is None:
+        random_states = training_state.capture_random_states()
+    training_state.write_loop_state(
+        os.path.join(snapshot.model_dir, TRAINING_STATE_DIR), callbacks, random_states
+    )
     # snapshot.json is written last: its presence marks the folder as complete.
     # A snapshot whose files are still in memory gets it from write_pending.
     if snapshot.pending is None:

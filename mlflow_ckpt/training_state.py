@@ -16,12 +16,19 @@ This module writes all of that to a folder beside the model:
 - `state.json`: counters, variable paths and shapes, the architecture
   fingerprint, the optimizer config and the CRC-32 of every variable that
   was left out of `variables.npz`;
-- `callbacks.json` and `callbacks.npz`: the state of stateful callbacks,
+- `loop_state.json`: the state of the training loop outside the model,
   written later than the rest because other callbacks update their state
-  after the checkpoint callback has seen the epoch end;
-- `random_states.json`: the global random states of Python, NumPy and
+  after the checkpoint callback has seen the epoch end. It holds the state
+  of stateful callbacks and the global random states of Python, NumPy and
   Keras at the start of the epoch that a resume begins or continues, which
-  input pipelines such as `keras.utils.PyDataset` draw their shuffles from.
+  input pipelines such as `keras.utils.PyDataset` draw their shuffles from;
+- `callbacks.npz`: array-valued callback state (EarlyStopping's best
+  weights), only when there is some.
+
+Checkpoints written by earlier development versions keep the callback
+state in `callbacks.json` and the random states in `random_states.json`;
+both are still read. One file instead of three saves two uploads per
+checkpoint, which against a tracking server are two requests.
 
 Restoring checks everything before assigning anything, so a model that does
 not match the checkpoint raises `IncompatibleCheckpointError` and is left as
@@ -43,9 +50,11 @@ _logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 VARIABLES_FILE = "variables.npz"
-CALLBACKS_FILE = "callbacks.json"
+LOOP_STATE_FILE = "loop_state.json"
 CALLBACK_ARRAYS_FILE = "callbacks.npz"
-RANDOM_STATES_FILE = "random_states.json"
+# Written by earlier versions instead of LOOP_STATE_FILE; still read.
+LEGACY_CALLBACKS_FILE = "callbacks.json"
+LEGACY_RANDOM_STATES_FILE = "random_states.json"
 STATE_VERSION = 1
 
 # Formats whose model file is a `.keras` zip (`savedmodel` keeps one beside the
@@ -342,23 +351,39 @@ def _json_default(value):
     raise TypeError(f"cannot store {type(value).__name__} in state.json")
 
 
-def write_callbacks(directory, callbacks) -> list[str]:
-    """Write the state of the known stateful callbacks and return their keys."""
+def write_loop_state(directory, callbacks, random_states: dict) -> list[str]:
+    """Write the callbacks' state and the random states, and return the callback keys.
+
+    `random_states` comes from `capture_random_states`.
+    """
     json_states, array_states = capture_callback_states(callbacks)
     os.makedirs(directory, exist_ok=True)
-    np.savez(os.path.join(directory, CALLBACK_ARRAYS_FILE), **array_states)
-    with open(os.path.join(directory, CALLBACKS_FILE), "w") as f:
-        json.dump(json_states, f, indent=2)
+    if array_states:
+        np.savez(os.path.join(directory, CALLBACK_ARRAYS_FILE), **array_states)
+    with open(os.path.join(directory, LOOP_STATE_FILE), "w") as f:
+        json.dump({"callbacks": json_states, "random_states": random_states}, f, indent=2)
     return sorted(json_states)
 
 
+def _read_loop_state(directory) -> dict | None:
+    path = os.path.join(directory, LOOP_STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_callbacks(directory):
-    """Read what `write_callbacks` wrote. Returns `(json_states, arrays)`, empty if absent."""
-    json_path = os.path.join(directory, CALLBACKS_FILE)
-    if not os.path.exists(json_path):
-        return {}, {}
-    with open(json_path) as f:
-        json_states = json.load(f)
+    """Read the callbacks' state. Returns `(json_states, arrays)`, empty if absent."""
+    loop_state = _read_loop_state(directory)
+    if loop_state is not None:
+        json_states = loop_state.get("callbacks", {})
+    else:
+        json_path = os.path.join(directory, LEGACY_CALLBACKS_FILE)
+        if not os.path.exists(json_path):
+            return {}, {}
+        with open(json_path) as f:
+            json_states = json.load(f)
     arrays_path = os.path.join(directory, CALLBACK_ARRAYS_FILE)
     arrays = {}
     if os.path.exists(arrays_path):
@@ -565,16 +590,12 @@ def restore_random_states(states: dict) -> list[str]:
     return restored
 
 
-def write_random_states(directory, states: dict) -> None:
-    """Write the states from `capture_random_states` into `directory`."""
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, RANDOM_STATES_FILE), "w") as f:
-        json.dump(states, f)
-
-
 def read_random_states(directory) -> dict:
-    """Read what `write_random_states` wrote; empty if the checkpoint has none."""
-    path = os.path.join(directory, RANDOM_STATES_FILE)
+    """Read the random states saved with the checkpoint; empty if it has none."""
+    loop_state = _read_loop_state(directory)
+    if loop_state is not None:
+        return loop_state.get("random_states", {})
+    path = os.path.join(directory, LEGACY_RANDOM_STATES_FILE)
     if not os.path.exists(path):
         return {}
     with open(path) as f:

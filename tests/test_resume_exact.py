@@ -324,6 +324,27 @@ def test_random_states_round_trip():
     assert (random.random(), np.random.random()) == expected
 
 
+def test_legacy_loop_state_files_read(tmp_path):
+    import json
+
+    stopper = keras.callbacks.EarlyStopping(patience=3)
+    stopper.wait, stopper.best = 2, 0.25
+    states = training_state.capture_random_states()
+    training_state.write_loop_state(tmp_path, [stopper], states)
+    current = training_state.read_callbacks(tmp_path), training_state.read_random_states(tmp_path)
+    # Earlier versions wrote the same content as callbacks.json and random_states.json.
+    loop_state = json.loads((tmp_path / training_state.LOOP_STATE_FILE).read_text())
+    (tmp_path / training_state.LOOP_STATE_FILE).unlink()
+    (tmp_path / "callbacks.json").write_text(json.dumps(loop_state["callbacks"]))
+    (tmp_path / "random_states.json").write_text(json.dumps(loop_state["random_states"]))
+    legacy = training_state.read_callbacks(tmp_path), training_state.read_random_states(tmp_path)
+
+    assert current[0][0]["EarlyStopping:0"]["wait"] == 2
+    assert json.dumps(legacy, default=str) == json.dumps(current, default=str)
+    # No array-valued callback state, so no callbacks.npz.
+    assert not (tmp_path / training_state.CALLBACK_ARRAYS_FILE).exists()
+
+
 def test_capture_includes_metric_totals():
     x, y = tiny_data(samples=32)
     model = tiny_model()
