@@ -73,6 +73,10 @@ _logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "mlflow-ckpt-checkpoint"
 METRICS_FILE_PREFIX = "metrics-"
+# Commits after which the worker reads a run's checkpoints from the store again
+# instead of from its own record, so a change made by another process (such
+# as `mlflow-ckpt prune`) is picked up within this many checkpoints.
+RESYNC_EVERY = 10
 
 
 class UploadIncompleteError(CheckpointError):
@@ -205,7 +209,9 @@ class Uploader:
         self._errors = []
         self._failed = []
         self._committed = []
-        self._retention_checked = set()
+        # Per run: its committed checkpoints as (Checkpoint, creation timestamp),
+        # and the commits since they were last read from the store.
+        self._run_checkpoints = {}
         self._thread = threading.Thread(target=self._work, name="mlflow-ckpt-uploader", daemon=True)
         self._thread.start()
 
@@ -538,7 +544,7 @@ class Uploader:
         self._link_to_run(snapshot, logged_model.model_id)
         with self._condition:
             self._committed.append((snapshot.epoch, logged_model.model_id))
-        self._after_commit(snapshot)
+        self._after_commit(snapshot, logged_model)
         snapshot.discard()
         if self.on_commit is not None:
             try:
@@ -594,22 +600,20 @@ class Uploader:
                 f"Upload of {logged_model.model_id} is incomplete: " + "; ".join(problems)
             )
 
-    def _after_commit(self, snapshot: Snapshot) -> None:
+    def _after_commit(self, snapshot: Snapshot, logged_model) -> None:
         # Pointers, index and retention are derived from the store, so an MLflow or
         # disk error here is logged and repaired by the next commit, not raised.
         run_id = snapshot.run_id
         try:
-            if self.retention or run_id not in self._retention_checked:
-                # Without retention rules, only deletions left unfinished by an
-                # earlier process need finishing, once per run.
-                apply_retention(
-                    run_id, self.retention, self.monitor, self.mode, self._client,
-                    experiment_id=snapshot.experiment_id,
+            checkpoints = self._known_checkpoints(snapshot, logged_model)
+            if self.retention:
+                doomed = policies.checkpoints_to_delete(
+                    checkpoints, self.retention, self.monitor, self.mode
                 )
-                self._retention_checked.add(run_id)
-            checkpoints = store.checkpoints_from_models(
-                store.search_checkpoint_models(run_id, self._client, experiment_id=snapshot.experiment_id)
-            )
+                for checkpoint in doomed:
+                    store.delete_checkpoint(checkpoint, self._client)
+                    self._forget(run_id, checkpoint.model_id)
+                checkpoints = [c for c in checkpoints if c not in doomed]
             if not checkpoints:
                 return
             pointers = [RunTag(RUN_TAG_LATEST, checkpoints[-1].model_id)]
@@ -623,10 +627,66 @@ class Uploader:
             self._client.log_batch(run_id, tags=pointers, synchronous=True)
             run_index.write_index(self._client, run_id, checkpoints, monitor=self.monitor)
         except (MlflowException, OSError) as error:
+            # The record may have missed a change; the next commit reads the store.
+            self._run_checkpoints.pop(run_id, None)
             _logger.warning(
                 "Run %s: updating the checkpoint pointers, index or retention failed: %s",
                 run_id, _one_line(error),
             )
+
+    def _known_checkpoints(self, snapshot: Snapshot, logged_model) -> list:
+        """Return the run's committed checkpoints, ordered as `list_checkpoints` orders them.
+
+        The first commit of a run in this process searches the store, and
+        finishes deletions that an earlier process left unfinished. Later
+        commits add to that record in memory and search again every
+        `RESYNC_EVERY` commits, which saves a search request per checkpoint.
+        """
+        run_id = snapshot.run_id
+        record = self._run_checkpoints.get(run_id)
+        if record is not None and record[1] < RESYNC_EVERY:
+            committed = store.checkpoint_from_logged_model(logged_model)
+            committed = dataclasses.replace(
+                committed, metrics=snapshot.metrics, status=STATUS_READY
+            )
+            entries = [entry for entry in record[0] if entry[0].model_id != committed.model_id]
+            entries.append((committed, logged_model.creation_timestamp or 0))
+            entries.sort(key=lambda entry: (entry[0].epoch, entry[0].global_step, entry[1]))
+            record = (entries, record[1] + 1)
+        else:
+            models = store.search_checkpoint_models(
+                run_id, self._client, experiment_id=snapshot.experiment_id
+            )
+            finish_deletions(models, self._client)
+            # checkpoints_from_models drops the ones being deleted and sorts.
+            by_id = {model.model_id: model for model in models}
+            entries = [
+                (checkpoint, by_id[checkpoint.model_id].creation_timestamp or 0)
+                for checkpoint in store.checkpoints_from_models(models)
+            ]
+            record = (entries, 0)
+        self._run_checkpoints[run_id] = record
+        return [checkpoint for checkpoint, _ in record[0]]
+
+    def _forget(self, run_id: str, model_id: str) -> None:
+        record = self._run_checkpoints.get(run_id)
+        if record is not None:
+            entries = [entry for entry in record[0] if entry[0].model_id != model_id]
+            self._run_checkpoints[run_id] = (entries, record[1])
+
+
+def finish_deletions(models, client: MlflowClient) -> list:
+    """Finish deleting the checkpoints among `models` that a process began to delete.
+
+    Returns:
+        The LoggedModels it deleted.
+    """
+    unfinished = [m for m in models if (m.tags or {}).get(store.TAG_DELETING)]
+    for logged_model in unfinished:
+        checkpoint = store.checkpoint_from_logged_model(logged_model)
+        if checkpoint is not None:
+            store.delete_checkpoint(checkpoint, client)
+    return unfinished
 
 
 def apply_retention(
@@ -646,11 +706,7 @@ def apply_retention(
         models = store.search_checkpoint_models(store.get_run(run_id, client), client)
     else:
         models = store.search_checkpoint_models(run_id, client, experiment_id=experiment_id)
-    unfinished = [m for m in models if (m.tags or {}).get(store.TAG_DELETING)]
-    for logged_model in unfinished:
-        checkpoint = store.checkpoint_from_logged_model(logged_model)
-        if checkpoint is not None:
-            store.delete_checkpoint(checkpoint, client)
+    unfinished = finish_deletions(models, client)
     if not rules:
         return []
     remaining = [m for m in models if m not in unfinished]

@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 import mlflow_ckpt
 from conftest import free_port
 from fault_tools import tiny_model
+from mlflow_ckpt import policies
 from mlflow_ckpt import snapshot as snapshots
 from mlflow_ckpt._http_limits import short_http_limits
 from mlflow_ckpt.uploader import Uploader
@@ -155,6 +156,67 @@ def test_resent_snapshot_searches_for_duplicates(local_tracking, staging, monkey
 
     assert searched == [2, 2]
     assert [c.epoch for c in mlflow_ckpt.list_checkpoints(run_id)] == [1, 2]
+
+
+def _count_checkpoint_searches(monkeypatch):
+    from mlflow_ckpt import store
+
+    searched = []
+    search = store.search_checkpoint_models
+    monkeypatch.setattr(
+        store, "search_checkpoint_models", lambda *a, **k: searched.append(1) or search(*a, **k)
+    )
+    return searched
+
+
+def test_commits_keep_run_checkpoints_in_memory(local_tracking, staging, monkeypatch):
+    with mlflow.start_run() as run:
+        pass
+    run_id, experiment_id = run.info.run_id, run.info.experiment_id
+    searched = _count_checkpoint_searches(monkeypatch)
+    model = tiny_model()
+    uploader = Uploader(staging_dir=str(staging), retention=[policies.KeepLast(2)])
+    for epoch in range(1, 5):
+        uploader.commit(_stage(model, staging, run_id=run_id, experiment_id=experiment_id, epoch=epoch))
+    uploader.close(timeout=0, show_progress=False)
+
+    # One search at the first commit; the later ones use the worker's record.
+    assert len(searched) == 1
+    assert [c.epoch for c in mlflow_ckpt.list_checkpoints(run_id)] == [3, 4]
+    tags = mlflow.get_run(run_id).data.tags
+    assert tags["mlflow_ckpt.latest_model_id"] == mlflow_ckpt.latest_checkpoint(run_id).model_id
+
+
+def test_commits_resync_run_checkpoints(local_tracking, staging, monkeypatch):
+    from mlflow_ckpt import store, uploader as uploader_module
+
+    monkeypatch.setattr(uploader_module, "RESYNC_EVERY", 2)
+    with mlflow.start_run() as run:
+        pass
+    run_id, experiment_id = run.info.run_id, run.info.experiment_id
+    model = tiny_model()
+    uploader = Uploader(staging_dir=str(staging))
+    uploader.commit(_stage(model, staging, run_id=run_id, experiment_id=experiment_id, epoch=1))
+    uploader.commit(_stage(model, staging, run_id=run_id, experiment_id=experiment_id, epoch=2))
+    # Another process deletes the newest checkpoint, as `mlflow-ckpt prune` could.
+    store.delete_checkpoint(mlflow_ckpt.latest_checkpoint(run_id))
+    uploader.commit(_stage(model, staging, run_id=run_id, experiment_id=experiment_id, epoch=3))
+    stale_index = _run_index(run_id)
+    uploader.commit(_stage(model, staging, run_id=run_id, experiment_id=experiment_id, epoch=4))
+    uploader.close(timeout=0, show_progress=False)
+
+    assert [c.epoch for c in mlflow_ckpt.list_checkpoints(run_id)] == [1, 3, 4]
+    # Until the resync the record still listed epoch 2; after it, the index is right.
+    assert "- epoch 2:" in stale_index
+    index = _run_index(run_id)
+    assert "- epoch 2:" not in index
+    assert "- epoch 4:" in index
+
+
+def _run_index(run_id):
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoints.md")
+    with open(path) as f:
+        return f.read()
 
 
 def _stored_model_file(model_id):
