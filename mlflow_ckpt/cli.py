@@ -307,7 +307,10 @@ def verify(ref, epoch):
 
         failed = []
         for checkpoint in checkpoints:
-            problems = transfer.verify(checkpoint, on_file=_print_file_progress)
+            problems = transfer.verify(
+                checkpoint, on_file=_print_file_progress,
+                on_bytes=transfer.ProgressPrinter(f"epoch {checkpoint.epoch}", "downloaded"),
+            )
             label = f"epoch {checkpoint.epoch}  {checkpoint.model_uri}"
             if problems:
                 failed.append(checkpoint)
@@ -347,13 +350,14 @@ def verify(ref, epoch):
 @click.option("--alias", default=None, help="Registered model alias to point at the new version, e.g. champion.")
 def promote(ref, name, epoch, model_format, alias):
     """Register a checkpoint as a new version of registered model NAME."""
-    from mlflow_ckpt import store
+    from mlflow_ckpt import store, transfer
     from mlflow_ckpt.promote import promote as promote_checkpoint
 
     with _user_errors():
         checkpoint = store.resolve(ref, epoch=epoch)
         version = promote_checkpoint(
-            checkpoint, name, format=model_format, alias=alias, on_file=_print_file_progress
+            checkpoint, name, format=model_format, alias=alias, on_file=_print_file_progress,
+            on_bytes=transfer.ProgressPrinter(f"epoch {checkpoint.epoch}", "downloaded"),
         )
     click.echo(
         f"Registered {name} version {version.version} from epoch {checkpoint.epoch} of run "

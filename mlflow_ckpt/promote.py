@@ -43,6 +43,7 @@ def promote(
     await_registration_for: int = 300,
     on_file=None,
     tracking_uri: str | None = None,
+    on_bytes=None,
 ):
     """Register a checkpoint as a new version of the registered model `name`.
 
@@ -65,6 +66,8 @@ def promote(
         await_registration_for: Seconds to wait for the version to become READY.
         on_file: Called with a `transfer.FileProgress` after each downloaded file.
         tracking_uri: Tracking server to use; the current one by default.
+        on_bytes: Called as `on_bytes(done_bytes, total_bytes)` while the checkpoint
+            downloads, as for `transfer.download`.
 
     Returns:
         The `mlflow.entities.model_registry.ModelVersion` created.
@@ -98,7 +101,9 @@ def promote(
     target_format = format or checkpoint.format
 
     with tempfile.TemporaryDirectory(prefix="mlflow-ckpt-promote-") as scratch:
-        local = transfer.download(checkpoint, scratch, on_file=on_file, client=client)
+        local = transfer.download(
+            checkpoint, scratch, on_file=on_file, client=client, on_bytes=on_bytes
+        )
         manifest.verify(local, label=f"{checkpoint.model_uri} (epoch {checkpoint.epoch})")
         if target_format == checkpoint.format:
             model_id = _log_copy(checkpoint, local, name, client)

@@ -392,15 +392,10 @@ def download(checkpoint: Checkpoint, dst_path: str | None = None, verify: bool =
                 f"{checkpoint.status}, not committed. Wait for its upload to finish, or pick "
                 "a committed checkpoint from list_checkpoints()."
             )
-        _logger.info(
-            "Downloading checkpoint %s of run %s (epoch %d, %s bytes)",
-            checkpoint.model_uri,
-            checkpoint.run_id,
-            checkpoint.epoch,
-            checkpoint.size_bytes,
-        )
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=checkpoint.model_uri, dst_path=dst_path
+        from mlflow_ckpt import transfer
+
+        local = transfer.download(
+            checkpoint, dst_path, on_bytes=transfer.ProgressPrinter(f"epoch {checkpoint.epoch}", "received")
         )
     if verify:
         manifest.verify(

@@ -43,7 +43,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.tracking import MlflowClient
 
-from mlflow_ckpt import manifest, policies, run_index, store
+from mlflow_ckpt import manifest, policies, run_index, store, transfer
 from mlflow_ckpt._http_limits import short_http_limits
 from mlflow_ckpt._threads import lower_current_thread_priority
 from mlflow_ckpt.checkpoint import (
@@ -77,6 +77,9 @@ METRICS_FILE_PREFIX = "metrics-"
 # instead of from its own record, so a change made by another process (such
 # as `mlflow-ckpt prune`) is picked up within this many checkpoints.
 RESYNC_EVERY = 10
+# Seconds between two progress reports that only add bytes sent: lines of
+# `flush` on stderr, and INFO logs that `mlflow-ckpt upload` prints.
+PROGRESS_INTERVAL = 10.0
 
 
 class UploadIncompleteError(CheckpointError):
@@ -212,6 +215,8 @@ class Uploader:
         # Per run: its committed checkpoints as (Checkpoint, creation timestamp),
         # and the commits since they were last read from the store.
         self._run_checkpoints = {}
+        # (epoch, bytes sent, bytes to send) of the checkpoint being uploaded, or None.
+        self._sending = None
         self._thread = threading.Thread(target=self._work, name="mlflow-ckpt-uploader", daemon=True)
         self._thread.start()
 
@@ -308,7 +313,7 @@ class Uploader:
             A `FlushResult` with what is still not committed.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        last_line = None
+        printed_key, printed_line, printed_at = None, None, 0.0
         with self._condition:
             while self._tasks and self._thread.is_alive():
                 now = time.monotonic()
@@ -318,25 +323,37 @@ class Uploader:
                     if now - self._failing_since >= self.outage_timeout:
                         break
                 if show_progress and self._pending_snapshots:
-                    line = self._progress_line()
-                    if line != last_line:
+                    key, line = self._progress_line()
+                    # A line that only reports more bytes sent waits PROGRESS_INTERVAL.
+                    if key != printed_key or (
+                        line != printed_line and now - printed_at >= PROGRESS_INTERVAL
+                    ):
                         print(line, file=sys.stderr, flush=True)
-                        last_line = line
+                        printed_key, printed_line, printed_at = key, line, now
                 wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - now))
                 self._condition.wait(timeout=wait)
             return self._result()
 
-    def _progress_line(self) -> str:
+    def _progress_line(self) -> tuple:
+        """Return `(key, line)`: the progress line, and the part of it that is not bytes sent."""
         waiting = [t.snapshot for t in self._tasks if isinstance(t, _SnapshotTask)]
         # A snapshot's size is recorded when its upload starts. Until then it is read from disk.
         size = sum(s.size_bytes or folder_size(s.folder) for s in waiting)
-        line = (
+        key = (
             f"mlflow-ckpt: waiting for {len(waiting)} checkpoint upload(s), "
             f"{run_index.format_size(size)}"
         )
         if self._failing_since is not None and self._errors:
-            line += f"; retrying after: {self._errors[-1]}"
-        return line
+            key += f"; retrying after: {self._errors[-1]}"
+        sending = self._sending
+        if sending is None:
+            return key, key
+        epoch, done, total = sending
+        line = (
+            f"{key}; epoch {epoch}: {run_index.format_size(done)} of "
+            f"{run_index.format_size(total)} sent"
+        )
+        return key, line
 
     def _result(self) -> FlushResult:
         return FlushResult(
@@ -531,7 +548,12 @@ class Uploader:
             # would first fetch the LoggedModel again, one more request per checkpoint.
             repository = get_artifact_repository(logged_model.artifact_location)
             if not link_into_local_store(repository, snapshot.model_dir):
-                repository.log_artifacts(snapshot.model_dir)
+                try:
+                    transfer.upload_folder(
+                        repository, snapshot.model_dir, on_bytes=self._progress_reporter(snapshot)
+                    )
+                finally:
+                    self._sending = None
             self._verify_upload(repository, logged_model, snapshot)
             self._link_metrics(logged_model.model_id, snapshot)
             self._client.finalize_logged_model(logged_model.model_id, STATUS_READY)
@@ -552,6 +574,24 @@ class Uploader:
             except Exception as error:  # noqa: BLE001 - a reporting hook must not undo a commit
                 _logger.warning("on_commit hook failed for epoch %d: %s", snapshot.epoch, error)
         return logged_model.model_id
+
+    def _progress_reporter(self, snapshot: Snapshot):
+        """Return the `on_bytes` callback of one checkpoint's upload."""
+        last_log = time.monotonic()
+
+        def report(done: int, total: int) -> None:
+            nonlocal last_log
+            self._sending = (snapshot.epoch, done, total)
+            now = time.monotonic()
+            if done < total and now - last_log >= PROGRESS_INTERVAL:
+                last_log = now
+                _logger.info(
+                    "Uploading the checkpoint of run %s at epoch %d: %s of %s sent",
+                    snapshot.run_id, snapshot.epoch,
+                    run_index.format_size(done), run_index.format_size(total),
+                )
+
+        return report
 
     def _link_to_run(self, snapshot: Snapshot, model_id: str) -> None:
         # A run output with step = epoch is what the MLflow UI's run page lists
