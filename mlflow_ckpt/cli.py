@@ -309,7 +309,7 @@ def verify(ref, epoch):
         for checkpoint in checkpoints:
             problems = transfer.verify(
                 checkpoint, on_file=_print_file_progress,
-                on_bytes=transfer.ProgressPrinter(f"epoch {checkpoint.epoch}", "downloaded"),
+                on_bytes=transfer.ProgressPrinter(f"epoch {checkpoint.epoch}", "received"),
             )
             label = f"epoch {checkpoint.epoch}  {checkpoint.model_uri}"
             if problems:
@@ -357,7 +357,7 @@ def promote(ref, name, epoch, model_format, alias):
         checkpoint = store.resolve(ref, epoch=epoch)
         version = promote_checkpoint(
             checkpoint, name, format=model_format, alias=alias, on_file=_print_file_progress,
-            on_bytes=transfer.ProgressPrinter(f"epoch {checkpoint.epoch}", "downloaded"),
+            on_bytes=transfer.ProgressPrinter(f"epoch {checkpoint.epoch}", "received"),
         )
     click.echo(
         f"Registered {name} version {version.version} from epoch {checkpoint.epoch} of run "
