@@ -18,7 +18,7 @@ This module writes all of that to a folder beside the model:
   was left out of `variables.npz`;
 - `loop_state.json`: the state of the training loop outside the model,
   written later than the rest because other callbacks update their state
-  after the checkpoint callback has seen the epoch end. It holds the state
+  after the checkpoint callback has seen the epoch end. It contains the state
   of stateful callbacks and the global random states of Python, NumPy and
   Keras at the start of the epoch that a resume begins or continues, which
   input pipelines such as `keras.utils.PyDataset` draw their shuffles from;
