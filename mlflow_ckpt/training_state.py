@@ -26,8 +26,8 @@ This module writes all of that to a folder beside the model:
   weights), only when there is some.
 
 Checkpoints written by earlier development versions keep the callback
-state in `callbacks.json` and the random states in `random_states.json`;
-both are still read. One file instead of three saves two uploads per
+state in `callbacks.json` and the random states in `random_states.json`,
+and both are still read. One file instead of three saves two uploads per
 checkpoint, which against a tracking server are two requests.
 
 Restoring checks everything before assigning anything, so a model that does
@@ -52,7 +52,7 @@ STATE_FILE = "state.json"
 VARIABLES_FILE = "variables.npz"
 LOOP_STATE_FILE = "loop_state.json"
 CALLBACK_ARRAYS_FILE = "callbacks.npz"
-# Written by earlier versions instead of LOOP_STATE_FILE; still read.
+# Earlier versions wrote these instead of LOOP_STATE_FILE, and they are still read.
 LEGACY_CALLBACKS_FILE = "callbacks.json"
 LEGACY_RANDOM_STATES_FILE = "random_states.json"
 STATE_VERSION = 1

@@ -152,7 +152,7 @@ def download(
     else:
         dst_path = tempfile.mkdtemp(prefix="mlflow-ckpt-")
     repository = _repository(checkpoint, client)
-    files = list_files(checkpoint, client)
+    files = artifact_sizes(repository)
     total_bytes = sum(files.values())
     done_bytes = 0
     _logger.info(

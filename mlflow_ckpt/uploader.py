@@ -641,8 +641,8 @@ class Uploader:
             )
 
     def _after_commit(self, snapshot: Snapshot, logged_model) -> None:
-        # Pointers, index and retention are derived from the store, so an MLflow or
-        # disk error here is logged and repaired by the next commit, not raised.
+        # Pointers, index and retention are derived from the run's checkpoints, so an
+        # MLflow or disk error here is logged and repaired by the next commit, not raised.
         run_id = snapshot.run_id
         try:
             checkpoints = self._known_checkpoints(snapshot, logged_model)
@@ -727,34 +727,6 @@ def finish_deletions(models, client: MlflowClient) -> list:
         if checkpoint is not None:
             store.delete_checkpoint(checkpoint, client)
     return unfinished
-
-
-def apply_retention(
-    run_id: str, rules, monitor: str | None, mode: str, client: MlflowClient,
-    experiment_id: str | None = None,
-) -> list:
-    """Delete the committed checkpoints of `run_id` that no retention rule keeps.
-
-    Also finishes deletions that an earlier process started and did not
-    complete. The newest checkpoint and the best by `monitor` are always kept.
-    Passing the run's `experiment_id` saves a `get_run` request.
-
-    Returns:
-        The checkpoints deleted.
-    """
-    if experiment_id is None:
-        models = store.search_checkpoint_models(store.get_run(run_id, client), client)
-    else:
-        models = store.search_checkpoint_models(run_id, client, experiment_id=experiment_id)
-    unfinished = finish_deletions(models, client)
-    if not rules:
-        return []
-    remaining = [m for m in models if m not in unfinished]
-    checkpoints = store.checkpoints_from_models(remaining)
-    doomed = policies.checkpoints_to_delete(checkpoints, rules, monitor, mode)
-    for checkpoint in doomed:
-        store.delete_checkpoint(checkpoint, client)
-    return doomed
 
 
 # Errors of os.link that mean "this file system cannot link these two paths".

@@ -7,7 +7,7 @@ import mlflow_ckpt
 from fault_tools import fit, models_folder, tree_size, tiny_model
 from mlflow_ckpt import policies, store
 from mlflow_ckpt.checkpoint import Checkpoint
-from mlflow_ckpt.uploader import apply_retention
+from mlflow_ckpt.uploader import finish_deletions
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +99,10 @@ def test_interrupted_deletion_is_finished(local_tracking, tmp_path):
 
     assert [c.epoch for c in mlflow_ckpt.list_checkpoints(run_id, include_pending=True)] == [2]
 
-    apply_retention(run_id, [], None, "min", client)
+    # The upload worker does this at its first commit to the run.
+    finish_deletions(
+        store.search_checkpoint_models(run_id, client, experiment_id=run.info.experiment_id), client
+    )
     folder = models_folder(tmp_path / "mlruns", run.info.experiment_id) / first.model_id
 
     assert not folder.exists()

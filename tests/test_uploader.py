@@ -180,7 +180,7 @@ def test_commits_keep_run_checkpoints_in_memory(local_tracking, staging, monkeyp
         uploader.commit(_stage(model, staging, run_id=run_id, experiment_id=experiment_id, epoch=epoch))
     uploader.close(timeout=0, show_progress=False)
 
-    # One search at the first commit; the later ones use the worker's record.
+    # One search at the first commit, and the later ones use the worker's record.
     assert len(searched) == 1
     assert [c.epoch for c in mlflow_ckpt.list_checkpoints(run_id)] == [3, 4]
     tags = mlflow.get_run(run_id).data.tags
@@ -206,7 +206,7 @@ def test_commits_resync_run_checkpoints(local_tracking, staging, monkeypatch):
     uploader.close(timeout=0, show_progress=False)
 
     assert [c.epoch for c in mlflow_ckpt.list_checkpoints(run_id)] == [1, 3, 4]
-    # Until the resync the record still listed epoch 2; after it, the index is right.
+    # Until the resync the record still listed epoch 2, and after it the index is right.
     assert "- epoch 2:" in stale_index
     index = _run_index(run_id)
     assert "- epoch 2:" not in index
